@@ -1,0 +1,3 @@
+from caltech_cli.cli import main
+
+main()

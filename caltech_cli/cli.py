@@ -1,0 +1,92 @@
+"""The ``caltech`` command: LightningCLI with this project's links and defaults, nothing more."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict
+import sys
+
+from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
+from torch.optim import Optimizer
+
+from caltech_cli.backbones import preprocessing_for
+from caltech_cli.callbacks import BestAndLastCheckpoint, PredictionWriter
+from caltech_cli.data import ImageClassificationDataModule
+from caltech_cli.errors import CaltechError
+from caltech_cli.model import TransferClassifier
+
+
+def _preprocessing_fields(backbone: str, weights: str | None, image_size: int | None) -> dict:
+    """The weights' preprocessing as plain fields, the form jsonargparse keeps dataclasses in."""
+    return asdict(preprocessing_for(backbone, weights, image_size))
+
+
+class CaltechCLI(LightningCLI):
+    """Links the data's classes into the model and the weights' preprocessing into the data."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_optimizer_args((Optimizer,))
+        parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4}},
+                "data": {"class_path": "caltech_cli.data.Caltech101DataModule"},
+            }
+        )
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.link_arguments(
+            ("model.backbone", "model.weights", "model.image_size"),
+            "data.init_args.preprocessing",
+            compute_fn=_preprocessing_fields,
+            apply_on="parse",
+        )
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+
+
+def _show_our_messages() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package = logging.getLogger("caltech_cli")
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
+# Warnings that say what this tool does on purpose: the frozen backbone stays in eval mode, and
+# the CLI's --optimizer replaces the model's own configure_optimizers.
+EXPECTED_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",
+    r".*configure_optimizers` will be overridden",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+def make_cli(args: ArgsType = None, run: bool = True) -> CaltechCLI:
+    """Build (and with ``run``, run) the CLI; without ``run`` the arguments take no subcommand."""
+    return CaltechCLI(
+        TransferClassifier,
+        ImageClassificationDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(args: ArgsType = None) -> None:
+    """Run ``caltech``; a problem the user can fix ends in one line and exit status 2."""
+    _show_our_messages()
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    try:
+        make_cli(args)
+    except CaltechError as error:
+        print(f"caltech: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,291 @@
+"""Data modules: one base that owns the whole way from a source to batches.
+
+archive or URL -> extracted image folder -> class folders -> stratified split -> per-split
+transforms -> DataLoaders. A subclass only says where its files come from (a default source,
+the folder to look for in archives, known checksums).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from filelock import FileLock
+from pytorch_lightning import LightningDataModule
+from pytorch_lightning.trainer.states import TrainerFn
+from torch.utils.data import DataLoader, Dataset
+
+from caltech_cli import sources
+from caltech_cli.backbones import Preprocessing
+from caltech_cli.errors import CaltechError
+from caltech_cli.images import (
+    LabelledImages,
+    UnlabelledImages,
+    eval_transform,
+    find_images,
+    image_format,
+    stratified_split,
+    train_transform,
+)
+
+log = logging.getLogger(__name__)
+
+CALTECH101_URL = "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"
+
+
+def default_num_workers() -> int:
+    """One loader worker per core available to this process (at most 8)."""
+    return min(len(os.sched_getaffinity(0)), 8)
+
+
+class ImageClassificationDataModule(LightningDataModule):
+    """Images in one folder per class, from a URL, an archive or a folder.
+
+    Args:
+        source: Where the data comes from: an https or ``file://`` URL, a local archive
+            (.tar.gz, .zip, .rar, anything patool extracts, archives inside archives too) or an
+            already extracted folder, which is used in place. Null means the data set's
+            official source, where it has one.
+        data_dir: Where downloads and extracted files land.
+        split: Relative sizes of the train, validation and test sets, e.g. ``[70, 10, 20]``.
+            The split is stratified by class and fixed by ``seed``. Null means the data set's
+            usual proportions.
+        seed: Seed of the split; the same seed gives the same split on every run and process.
+        classes: Use only these class folders (all of them by default).
+        batch_size: Images per batch.
+        num_workers: DataLoader worker processes; null means one per available core.
+        crop_scale: Range of the area fraction that training's random resized crop keeps.
+        checksum: Expected checksum of a downloaded archive ('sha256:<hex>' or 'md5:<hex>');
+            null uses the known checksum of the source URL, if there is one.
+        predict_dir: A folder of images (searched recursively) or one image, for ``predict``.
+        preprocessing: Image size and normalization; linked from the model's weights by the CLI.
+    """
+
+    folder_name: ClassVar[str]
+    default_source: ClassVar[str | None] = None
+    default_split: ClassVar[tuple[float, float, float]] = (70, 10, 20)
+    known_checksums: ClassVar[dict[str, str]] = {}  # URL -> 'algorithm:hex' 
+
+    def __init__(
+        self,
+        source: str | None = None,
+        data_dir: str = "./data",
+        split: tuple[float, float, float] | None = None,
+        seed: int = 42,
+        classes: list[str] | None = None,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        checksum: str | None = None,
+        predict_dir: str | None = None,
+        preprocessing: Preprocessing | None = None,
+    ) -> None:
+        super().__init__()
+        source = source or self.default_source
+        if source is None:
+            raise CaltechError("data.source is missing. Fix: pass --data.source <archive, folder or URL>.")
+        self.source = source
+        self.data_dir = Path(data_dir)
+        self.split = split or self.default_split
+        self.seed = seed
+        self.classes = classes
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.crop_scale = crop_scale
+        self.checksum = checksum
+        self.predict_dir = predict_dir
+        self.preprocessing = preprocessing or Preprocessing()
+        self._class_names: list[str] | None = None
+        self._splits: list[LabelledImages] | None = None
+        self.predict_files: list[Path] = []
+
+    # -- where the files are -------------------------------------------------------------------
+
+    @property
+    def _source_folder(self) -> Path | None:
+        path = Path(self.source)
+        return path if not sources.is_url(self.source) and path.is_dir() else None
+
+    @property
+    def root(self) -> Path:
+        """The folder that holds one subfolder per class."""
+        folder = self._source_folder
+        if folder is not None:
+            return folder / self.folder_name if (folder / self.folder_name).is_dir() else folder
+        return self.data_dir / self.folder_name
+
+    def _source_id(self) -> str:
+        return self.source if sources.is_url(self.source) else str(Path(self.source).resolve())
+
+    def _ready(self) -> bool:
+        if self._source_folder is not None:
+            return self.root.is_dir()
+        return sources.extracted_from(self.root) == self._source_id()
+
+    def prepare_data(self) -> None:
+        """Download and extract the source once; later runs reuse the extracted folder.
+
+        ``predict`` needs only its images and the checkpoint, so it fetches nothing. A file lock
+        lets processes that start together (torchrun, several jobs) wait for the first one.
+        """
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.data_dir / ".prepare.lock"):
+            if self._ready():
+                log.info("Using the data set at %s (from %s, already extracted)", self.root, self.source)
+                return
+            if sources.is_url(self.source):
+                checksum = self.checksum or self.known_checksums.get(self.source)
+                archive = sources.download(self.source, self.data_dir, checksum)
+            else:
+                archive = Path(self.source)
+                if not archive.is_file():
+                    raise CaltechError(
+                        f"data.source {self.source} does not exist. Fix: pass --data.source with the path of the "
+                        f"archive or of the extracted folder, or an https URL to download it from."
+                    )
+            sources.extract(archive, self.root, self._source_id())
+            log.info("Extracted %s to %s", archive, self.root)
+
+    # -- classes and splits --------------------------------------------------------------------
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Sorted class-folder names; their positions are the labels.
+
+        The CLI links them into the model when it is built, before any trainer hook runs, so the
+        first access fetches the data. With ``predict_dir`` set and no data on disk it is None
+        instead: predicting takes the class names from the checkpoint and needs no training data.
+        """
+        if self._class_names is None:
+            if not self._ready():
+                if self.predict_dir is not None:
+                    return None
+                self.prepare_data()
+            found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if self.classes is not None:
+                missing = sorted(set(self.classes) - set(found))
+                if missing:
+                    raise CaltechError(
+                        f"data.classes names folders that {self.root} does not have: {', '.join(missing)}."
+                    )
+                found = sorted(self.classes)
+            if not found:
+                raise CaltechError(f"{self.root} has no class folders. Fix: point data.source at the data set.")
+            self._class_names = found
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int | None:
+        names = self.class_names
+        return None if names is None else len(names)
+
+    def _scan(self) -> tuple[list[Path], list[int]]:
+        """Every image file under the class folders, judged by content, not by extension."""
+        names = self.class_names or []
+        files, labels, skipped = [], [], []
+        for label, name in enumerate(names):
+            for path in sorted(p for p in (self.root / name).rglob("*") if p.is_file()):
+                if image_format(path) is None:
+                    skipped.append(path)
+                    continue
+                files.append(path)
+                labels.append(label)
+        if skipped:
+            shown = ", ".join(str(p.relative_to(self.root)) for p in skipped[:10])
+            log.warning("Skipping %d files that are not images: %s", len(skipped), shown)
+        if not files:
+            raise CaltechError(f"no images found under {self.root}.")
+        return files, labels
+
+    def _make_splits(self) -> list[LabelledImages]:
+        if self._splits is None:
+            files, labels = self._scan()
+            parts = stratified_split(labels, self.split, self.seed)
+            empty = [name for name, part in zip(("train", "val", "test"), parts) if not part]
+            if empty:
+                raise CaltechError(
+                    f"data.split {list(self.split)} leaves no images for {', '.join(empty)} out of {len(files)}. "
+                    "Fix: give every set a larger share."
+                )
+            pre = self.preprocessing
+            transforms = [train_transform(pre, self.crop_scale), eval_transform(pre), eval_transform(pre)]
+            self._splits = [
+                LabelledImages([files[i] for i in part], [labels[i] for i in part], transform, pre.resize_size)
+                for part, transform in zip(parts, transforms)
+            ]
+            log.info(
+                "%d images in %d classes: %s train, %s val, %s test",
+                len(files),
+                len(self.class_names or []),
+                *(len(s) for s in self._splits),
+            )
+        return self._splits
+
+    @property
+    def train_set(self) -> LabelledImages:
+        return self._make_splits()[0]
+
+    @property
+    def val_set(self) -> LabelledImages:
+        return self._make_splits()[1]
+
+    @property
+    def test_set(self) -> LabelledImages:
+        return self._make_splits()[2]
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            if self.predict_dir is None:
+                raise CaltechError("predict needs images. Fix: pass --data.predict_dir <folder or image>.")
+            folder = Path(self.predict_dir)
+            if not folder.exists():
+                raise CaltechError(f"data.predict_dir {folder} does not exist.")
+            self.predict_files = find_images(folder)
+            if not self.predict_files:
+                raise CaltechError(f"data.predict_dir {folder} holds no image files.")
+        else:
+            self._make_splits()
+
+    # -- loaders -------------------------------------------------------------------------------
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        pre = self.preprocessing
+        return self._loader(UnlabelledImages(self.predict_files, eval_transform(pre), pre.crop_size, pre.resize_size))
+
+
+class Caltech101DataModule(ImageClassificationDataModule):
+    """Caltech-101: 101 object classes plus the clutter class BACKGROUND_Google, about 9k images.
+
+    The default source is the official CaltechDATA zip; its inner ``101_ObjectCategories.tar.gz``
+    (or that archive alone, or its extracted folder) works as well. The default split keeps the
+    proportions 6500/1000/1645 of the well-known tutorial.
+    """
+
+    folder_name = "101_ObjectCategories"
+    default_source = CALTECH101_URL
+    default_split = (6500, 1000, 1645)
+    known_checksums = {CALTECH101_URL: "md5:3138e1922a9193bfa496528edbbc45d0"}

@@ -1,0 +1,172 @@
+"""Images on disk to tensors: finding them, opening them as RGB, splitting, transforming.
+
+Pure functions and small datasets; the data module composes them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from caltech_cli.backbones import Preprocessing
+
+# Extensions that `predict` looks for in a folder. Training data is judged by content instead,
+# because real archives hold images without extensions (Caltech-101's BACKGROUND_Google/tmp).
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
+
+
+def image_format(path: Path) -> str | None:
+    """The image format that PIL reads from the file's header, or None if it is not an image."""
+    try:
+        with Image.open(path) as image:
+            return image.format
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB the way a person would expect it to look.
+
+    Transparent pixels become white (not black), 16-bit greyscale is scaled rather than
+    clipped, CMYK and palettes are converted.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        high = array.max() if array.size and array.max() > 255 else 255.0
+        image = Image.fromarray((array / high * 255).clip(0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: Path, min_size: int | None = None) -> Image.Image:
+    """Open an image as upright RGB.
+
+    With ``min_size`` a JPEG is decoded at a reduced scale (PIL's ``draft``) that still keeps
+    both sides at least ``min_size``: large photos then cost a fraction of a full decode.
+    """
+    with Image.open(path) as image:
+        if min_size is not None and image.format == "JPEG":
+            image.draft(image.mode, (min_size, min_size))
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files (by extension) under ``folder``, recursively and sorted; a file is itself."""
+    if folder.is_file():
+        return [folder]
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def apportion(total: int, weights: Sequence[float]) -> list[int]:
+    """Split ``total`` into integers proportional to ``weights`` that add up exactly (largest remainder)."""
+    if len(weights) == 0 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"split weights must be non-negative with a positive sum, got {list(weights)}")
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def stratified_split(labels: Sequence[int], weights: Sequence[float], seed: int) -> list[list[int]]:
+    """Indices of ``labels`` split in the proportions ``weights``, stratified by label.
+
+    Within each class the items are shuffled with ``seed`` and spread evenly over [0, 1); the
+    whole set is then ordered by that position and cut at the exact split sizes. Each class thus
+    lands in every split in (nearly) the split's proportion, the totals are exact, and the result
+    depends only on the labels' order and the seed: the same on every run and every process.
+    """
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for index, label in enumerate(labels):
+        by_class[label].append(index)
+    keyed = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        rng.shuffle(members)
+        keyed += [((rank + 0.5) / len(members), rng.random(), index) for rank, index in enumerate(members)]
+    order = [index for _, _, index in sorted(keyed)]
+    splits, start = [], 0
+    for count in apportion(len(labels), weights):
+        splits.append(sorted(order[start : start + count]))
+        start += count
+    return splits
+
+
+def train_transform(pre: Preprocessing, crop_scale: tuple[float, float]) -> Callable:
+    """Augmenting transform: random resized crop and horizontal flip, then the weights' normalization."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(pre.crop_size, scale=crop_scale, interpolation=pre.interpolation_mode),
+            v2.RandomHorizontalFlip(),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(pre.mean, pre.std),
+        ]
+    )
+
+
+def eval_transform(pre: Preprocessing) -> Callable:
+    """Deterministic transform: resize the shorter side, centre crop, normalize."""
+    return v2.Compose(
+        [
+            v2.Resize(pre.resize_size, interpolation=pre.interpolation_mode),
+            v2.CenterCrop(pre.crop_size),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(pre.mean, pre.std),
+        ]
+    )
+
+
+@dataclass
+class LabelledImages(Dataset):
+    """Image files with class indices, each split with its own transform."""
+
+    files: Sequence[Path]
+    labels: Sequence[int]
+    transform: Callable
+    min_size: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_rgb(self.files[index], self.min_size)), self.labels[index]
+
+
+@dataclass
+class UnlabelledImages(Dataset):
+    """Images to predict. An unreadable file yields a blank tensor and its error, not an exception,
+    so one bad photo among thousands costs one error row instead of the whole run."""
+
+    files: Sequence[Path]
+    transform: Callable
+    crop_size: int
+    min_size: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            return self.transform(load_rgb(self.files[index], self.min_size)), index, ""
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+            blank = torch.zeros(3, self.crop_size, self.crop_size)
+            return blank, index, f"{type(error).__name__}: {error}"

@@ -1,0 +1,153 @@
+"""The transfer-learning classifier: a torchvision backbone and one Linear head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pytorch_lightning import LightningModule
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from caltech_cli.backbones import resolve_backbone
+from caltech_cli.errors import CaltechError
+
+
+class TransferClassifier(LightningModule):
+    """A pretrained (or random) torchvision backbone with a Linear head over its features.
+
+    The head maps the backbone's pooled features (512 for resnet18, 1280 for mobilenet_v2) to
+    the classes; the backbone's own ImageNet classifier is removed, not stacked under the head.
+
+    Args:
+        backbone: Any torchvision classification model name (``torchvision.models.list_models()``).
+        weights: A torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``), a path to a
+            state-dict file, or null for random weights (training from scratch).
+        freeze_backbone: Train only the head; the backbone's parameters stay fixed and it stays
+            in eval mode, so its BatchNorm statistics do not move either.
+        num_classes: Number of classes; linked from the data module by the CLI.
+        class_names: Class names in label order; linked from the data module by the CLI and
+            saved in checkpoints, so ``test`` and ``predict`` need no training data to name them.
+        image_size: Crop size in pixels instead of the weights' own (224 for ImageNet weights).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "mobilenet_v2",
+        weights: str | None = "IMAGENET1K_V1",
+        freeze_backbone: bool = True,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        image_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        resolved = resolve_backbone(backbone, weights, image_size)
+        self.backbone = resolved.module.to(memory_format=torch.channels_last)
+        self.num_features = resolved.num_features
+        self.preprocessing = resolved.preprocessing
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+        self.class_names: list[str] | None = None
+        self.head: nn.Linear | None = None
+        if class_names is not None:
+            if num_classes is not None and num_classes != len(class_names):
+                raise CaltechError(f"model.num_classes {num_classes} differs from the {len(class_names)} class_names.")
+            self.set_classes(class_names)
+        elif num_classes is not None:
+            self.set_classes([str(i) for i in range(num_classes)])
+
+    def set_classes(self, class_names: list[str]) -> None:
+        """Build the head and the metrics for these classes and record them in the hyperparameters."""
+        self.class_names = list(class_names)
+        num_classes = len(self.class_names)
+        self.hparams["class_names"] = self.class_names
+        self.hparams["num_classes"] = num_classes
+        self.head = nn.Linear(self.num_features, num_classes)
+
+        def accuracy(**kwargs: Any) -> MulticlassAccuracy:
+            return MulticlassAccuracy(num_classes=num_classes, **kwargs)
+
+        self.train_metrics = MetricCollection({"acc": accuracy(average="micro")}, prefix="train/")
+        self.val_metrics = MetricCollection({"acc": accuracy(average="micro")}, prefix="val/")
+        self.test_metrics = MetricCollection(
+            {
+                "acc": accuracy(average="micro"),
+                "acc_top5": accuracy(average="micro", top_k=min(5, num_classes)),
+                "acc_macro": accuracy(average="macro"),
+            },
+            prefix="test/",
+        )
+
+    def train(self, mode: bool = True) -> TransferClassifier:
+        """Switch modes, but keep a frozen backbone in eval mode (BatchNorm statistics stay fixed)."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.contiguous(memory_format=torch.channels_last)
+        if self.freeze_backbone:
+            with torch.no_grad():
+                return self.backbone(images)
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise CaltechError(
+                "the model does not know its classes. Fix: give it the training data (data.source) "
+                "or, to predict, a checkpoint (--ckpt_path)."
+            )
+        return self.head(self.features(images))
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        metrics: MetricCollection = getattr(self, f"{stage}_metrics")
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        metrics.update(logits, labels)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor, list[str]], batch_idx: int) -> dict[str, Any]:
+        images, indices, errors = batch
+        return {"index": indices, "probs": self(images).softmax(dim=1), "error": list(errors)}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The tutorial's AdamW at 2e-4 for Python use; ``caltech`` replaces it with its --optimizer."""
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-4)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check that the checkpoint fits this model, and take its classes if the model has none."""
+        saved = checkpoint.get("hyper_parameters", {})
+        if saved.get("backbone", self.hparams["backbone"]) != self.hparams["backbone"]:
+            raise CaltechError(
+                f"the checkpoint holds a {saved['backbone']} model, not {self.hparams['backbone']}. "
+                f"Fix: pass --model.backbone {saved['backbone']}, or the checkpoint of a {self.hparams['backbone']} run."
+            )
+        names = saved.get("class_names")
+        if names is None:
+            return
+        if self.class_names is None:
+            self.set_classes(names)
+        elif list(names) != self.class_names:
+            raise CaltechError(
+                f"the checkpoint was trained on {len(names)} classes ({', '.join(names[:3])}, ...) but the data has "
+                f"{len(self.class_names)} ({', '.join(self.class_names[:3])}, ...). "
+                "Fix: use the same data (data.source, data.classes) as the run that wrote the checkpoint."
+            )

@@ -1,0 +1,94 @@
+"""Small generated image data sets in Caltech-101's layout, and helpers to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+FOLDER = "101_ObjectCategories"
+# Three classes a network tells apart in a few steps: colour and shape differ.
+CLASSES = {
+    "circles": (220, 40, 40),
+    "squares": (40, 200, 60),
+    "stripes": (40, 60, 220),
+}
+PER_CLASS = 12
+REAL_ARCHIVE = Path(__file__).resolve().parents[2] / "shared/data/caltech101/101_ObjectCategories.tar.gz"
+
+
+def draw(kind: str, rng: np.random.Generator) -> Image.Image:
+    """One image of a class: its shape in its colour on a noisy background of random size."""
+    w, h = (int(v) for v in rng.integers(48, 96, size=2))
+    noise = rng.integers(90, 160, size=(h, w, 3), dtype=np.uint8)
+    image = Image.fromarray(noise)
+    pen = ImageDraw.Draw(image)
+    colour = tuple(int(np.clip(c + rng.integers(-20, 20), 0, 255)) for c in CLASSES[kind])
+    x0, y0 = int(rng.integers(2, w // 4)), int(rng.integers(2, h // 4))
+    x1, y1 = int(w - rng.integers(2, w // 4)), int(h - rng.integers(2, h // 4))
+    if kind == "circles":
+        pen.ellipse((x0, y0, x1, y1), fill=colour)
+    elif kind == "squares":
+        pen.rectangle((x0, y0, x1, y1), fill=colour)
+    else:
+        for x in range(0, w, 8):
+            pen.rectangle((x, 0, x + 3, h), fill=colour)
+    return image
+
+
+def make_caltech_like(root: Path, per_class: int = PER_CLASS, seed: int = 0) -> Path:
+    """``root/101_ObjectCategories/<class>/image_NNNN.jpg``, plus the real archive's oddities:
+    one greyscale JPEG, one JPEG without extension (like BACKGROUND_Google/tmp) and one text
+    file that is not an image."""
+    rng = np.random.default_rng(seed)
+    top = root / FOLDER
+    for kind in CLASSES:
+        folder = top / kind
+        folder.mkdir(parents=True)
+        for i in range(1, per_class + 1):
+            draw(kind, rng).save(folder / f"image_{i:04d}.jpg", quality=90)
+    draw("circles", rng).convert("L").save(top / "circles" / f"image_{per_class + 1:04d}.jpg")
+    draw("squares", rng).save(top / "squares" / "tmp", format="JPEG")
+    (top / "stripes" / "README.txt").write_text("not an image\n")
+    return top
+
+
+def pack_tar_gz(folder: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return archive
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The extracted folder (``.../101_ObjectCategories``)."""
+    return make_caltech_like(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def tar_archive(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pack_tar_gz(image_folder, tmp_path_factory.mktemp("tar") / f"{FOLDER}.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def nested_zip(tar_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like the official ``caltech-101.zip``: the .tar.gz inside a folder inside a zip."""
+    archive = tmp_path_factory.mktemp("zip") / "caltech-101.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("caltech-101/README", "Caltech-101\n")
+        zf.write(tar_archive, f"caltech-101/{FOLDER}.tar.gz")
+    return archive
+
+
+def run_caltech(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed ``caltech`` command in a subprocess, W&B offline, and return its result."""
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    command = [str(Path(sys.executable).with_name("caltech")), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,132 @@
+"""The ``caltech`` command end to end, in subprocesses, on small generated images."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CLASSES, REAL_ARCHIVE, run_caltech
+
+from caltech_cli.cli import make_cli
+
+REPO = Path(__file__).resolve().parents[1]
+TRANSFER = str(REPO / "configs" / "transfer.yaml")
+SCRATCH = str(REPO / "configs" / "scratch.yaml")
+
+
+def small_run(tmp_path: Path, source: str) -> list[str]:
+    """Options that shrink the transfer config to the generated images and this test's folder."""
+    return [
+        "--config", TRANSFER,
+        "--data.source", source,
+        "--data.data_dir", str(tmp_path / "data"),
+        "--data.split", "[50, 25, 25]",
+        "--data.batch_size", "8",
+        "--data.num_workers", "0",
+        "--model.image_size", "64",
+        "--trainer.default_root_dir", str(tmp_path / "runs"),
+        "--trainer.logger.save_dir", str(tmp_path / "runs"),
+    ]
+
+
+def metric(output: str, name: str) -> float:
+    match = re.search(rf"^\s*{re.escape(name)}\s+([0-9.]+)\s*$", output, re.MULTILINE)
+    assert match, f"{name} not printed:\n{output[-3000:]}"
+    return float(match.group(1))
+
+
+def test_fit_then_test_then_predict(tar_archive, tmp_path):
+    fit = run_caltech(
+        "fit", *small_run(tmp_path, tar_archive.as_uri()),
+        "--trainer.max_epochs", "4", "--optimizer.lr", "0.01", "--lr_scheduler.T_max", "4",
+        cwd=tmp_path,
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    best = tmp_path / "runs" / "best.ckpt"
+    assert best.is_symlink() and best.resolve().is_file()
+    assert f"Best checkpoint (val/acc=" in fit.stderr + fit.stdout
+    assert "Last checkpoint:" in fit.stderr + fit.stdout
+    assert list((tmp_path / "runs").glob("wandb/offline-run-*")), "W&B logs offline into the run folder"
+
+    test = run_caltech("test", *small_run(tmp_path, tar_archive.as_uri()), "--ckpt_path", str(best), cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "already extracted" in test.stderr
+    assert metric(test.stdout, "test/acc") >= 0.8
+    for name in ("test/acc_top5", "test/acc_macro", "test/loss"):
+        metric(test.stdout, name)
+
+    photos = tmp_path / "photos"
+    (photos / "nested").mkdir(parents=True)
+    folder = tmp_path / "data" / "101_ObjectCategories"
+    for kind in CLASSES:
+        shutil.copy(folder / kind / "image_0001.jpg", photos / f"{kind}.jpg")
+    shutil.copy(folder / "stripes" / "image_0002.jpg", photos / "nested" / "stripes.png")
+    (photos / "broken.jpg").write_text("not a picture")
+    predict = run_caltech(
+        "predict", "--config", TRANSFER, "--ckpt_path", str(best),
+        "--data.predict_dir", str(photos), "--data.source", str(tmp_path / "no-training-data-here"),
+        "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger", "false",
+        cwd=tmp_path,
+    )
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    with open(tmp_path / "runs" / "predictions.csv") as f:
+        rows = {row["path"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"circles.jpg", "squares.jpg", "stripes.jpg", "nested/stripes.png", "broken.jpg"}
+    assert rows["broken.jpg"]["class"] == "" and rows["broken.jpg"]["error"]
+    correct = sum(rows[f"{kind}.jpg"]["class"] == kind for kind in CLASSES)
+    assert correct >= 2, rows
+    assert 0 < float(rows["circles.jpg"]["probability"]) <= 1
+    assert "1 could not be read" in predict.stderr
+
+
+def test_head_is_in_the_optimizer_when_data_is_fetched_at_start(tar_archive, tmp_path):
+    """The CLI makes the optimizer as it builds the model: the head must exist by then."""
+    cli = make_cli(small_run(tmp_path, str(tar_archive)), run=False)
+    assert cli.model.class_names == sorted(CLASSES)
+    assert cli.datamodule.preprocessing.crop_size == 64, "preprocessing is linked from the model"
+    optimizer = cli.model.configure_optimizers()
+    optimizer = optimizer[0][0] if isinstance(optimizer, tuple) else optimizer
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(cli.model.head.weight) in params
+
+
+def test_scratch_config_is_valid(tmp_path):
+    result = run_caltech("fit", "--config", SCRATCH, "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "weights: null" in result.stdout and "freeze_backbone: false" in result.stdout
+
+
+def test_missing_data_is_one_clear_error(tmp_path):
+    result = run_caltech("fit", "--config", TRANSFER, "--data.source", str(tmp_path / "nothing.tar.gz"),
+                         "--trainer.logger", "false", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "caltech: error: data.source" in result.stderr and "nothing.tar.gz does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_python_dash_m_works(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "caltech_cli", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "fit" in result.stdout and "predict" in result.stdout
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not REAL_ARCHIVE.is_file(), reason="the real Caltech-101 archive is not here")
+def test_real_archive_few_classes(tmp_path):
+    """Transfer learning on three real Caltech-101 classes, from the real archive."""
+    classes = "[airplanes, Motorbikes, Faces_easy]"
+    options = [
+        "--config", TRANSFER, "--data.source", str(REAL_ARCHIVE), "--data.data_dir", str(tmp_path / "data"),
+        "--data.classes", classes, "--data.split", "[60, 20, 20]", "--model.image_size", "128",
+        "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger", "false",
+        "--trainer.limit_train_batches", "10",
+    ]
+    fit = run_caltech("fit", *options, "--trainer.max_epochs", "1", cwd=tmp_path, timeout=900)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    test = run_caltech("test", *options, "--ckpt_path", str(tmp_path / "runs" / "best.ckpt"), cwd=tmp_path, timeout=900)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert metric(test.stdout, "test/acc") >= 0.9

@@ -1,0 +1,139 @@
+"""Model: backbones and their weights, head width, frozen backbone, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision
+
+from caltech_cli import backbones
+from caltech_cli.backbones import preprocessing_for, resolve_backbone, sha256_of
+from caltech_cli.data import Caltech101DataModule
+from caltech_cli.errors import CaltechError
+from caltech_cli.model import TransferClassifier
+
+MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A torch hub cache with nothing in it."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.mark.parametrize(("name", "width"), [("resnet18", 512), ("mobilenet_v2", 1280), ("efficientnet_b0", 1280)])
+def test_head_width_comes_from_the_backbone(name, width):
+    model = TransferClassifier(backbone=name, weights=None, class_names=["a", "b", "c"])
+    assert model.head.in_features == width
+    assert model.head.out_features == 3
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.backbone.modules()), "ImageNet classifier removed"
+    model.eval()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_offline_package_provides_mobilenet_weights(empty_hub):
+    packaged = backbones._offline_package_file(MOBILENET_FILE)
+    assert packaged is not None and packaged.name == MOBILENET_FILE
+    assert sha256_of(packaged) == backbones.OFFLINE_PACKAGES[MOBILENET_FILE][2]
+    model = TransferClassifier(backbone="mobilenet_v2", weights="IMAGENET1K_V1", num_classes=2)
+    expected = torch.load(packaged, weights_only=True)
+    assert torch.equal(model.backbone.features[0][0].weight, expected["features.0.0.weight"])
+
+
+def imagenet_like_state(backbone: str, value: float) -> dict[str, torch.Tensor]:
+    """A full state dict for ``backbone`` (ImageNet classifier included) with every float set to ``value``."""
+    network = torchvision.models.get_model(backbone)
+    return {k: torch.full_like(v, value) if v.is_floating_point() else v for k, v in network.state_dict().items()}
+
+
+def test_hub_cache_comes_before_the_package(empty_hub):
+    empty_hub.mkdir(parents=True)
+    torch.save(imagenet_like_state("mobilenet_v2", 0.5), empty_hub / MOBILENET_FILE)
+    model = resolve_backbone("mobilenet_v2", "IMAGENET1K_V1").module
+    assert torch.all(model.features[0][0].weight == 0.5)
+
+
+def test_missing_weights_say_what_to_put_where(empty_hub):
+    with pytest.raises(CaltechError) as error:
+        resolve_backbone("resnet18", "IMAGENET1K_V1")
+    message = str(error.value)
+    assert str(empty_hub / "resnet18-f37072fd.pth") in message
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert "--model.weights" in message
+
+
+def test_weights_file_path(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": imagenet_like_state("resnet18", 1.0)}, path)
+    loaded = resolve_backbone("resnet18", str(path)).module
+    assert torch.all(loaded.conv1.weight == 1)
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    path = tmp_path / "wrong.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(CaltechError, match="do not fit backbone resnet18"):
+        resolve_backbone("resnet18", str(path))
+
+
+def test_unknown_names_are_explained():
+    with pytest.raises(CaltechError, match="resnet18"):
+        resolve_backbone("resnett18", None)
+    with pytest.raises(CaltechError, match="IMAGENET1K_V1"):
+        preprocessing_for("mobilenet_v2", "IMAGENET9K")
+
+
+def test_preprocessing_travels_with_the_weights():
+    assert preprocessing_for("mobilenet_v2", "IMAGENET1K_V1").crop_size == 224
+    v2 = preprocessing_for("resnet50", "IMAGENET1K_V2")
+    assert (v2.crop_size, v2.resize_size) == (224, 232)
+    small = preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", image_size=112)
+    assert (small.crop_size, small.resize_size) == (112, 128)
+
+
+def test_frozen_backbone_is_bit_identical_after_fit(image_folder, tmp_path):
+    pre = preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", image_size=64)
+    data = Caltech101DataModule(str(image_folder), str(tmp_path), split=(50, 25, 25), batch_size=8, num_workers=0, preprocessing=pre)
+    model = TransferClassifier(image_size=64, class_names=data.class_names)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = model.head.weight.clone()
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    after = model.backbone.state_dict()
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == [], f"frozen backbone changed: {changed[:5]}"
+    assert not torch.equal(head_before, model.head.weight), "the head must learn"
+    assert not model.backbone.training and model.training
+
+
+def test_unfrozen_backbone_trains(image_folder, tmp_path):
+    pre = preprocessing_for("resnet18", None, image_size=32)
+    data = Caltech101DataModule(str(image_folder), str(tmp_path), split=(50, 25, 25), batch_size=8, num_workers=0, preprocessing=pre)
+    model = TransferClassifier(backbone="resnet18", weights=None, freeze_backbone=False, image_size=32,
+                               class_names=data.class_names)
+    before = model.backbone.conv1.weight.clone()
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    assert not torch.equal(before, model.backbone.conv1.weight)
+
+
+def test_checkpoint_with_other_classes_is_refused():
+    model = TransferClassifier(weights=None, class_names=["a", "b"])
+    with pytest.raises(CaltechError, match="trained on 3 classes"):
+        model.on_load_checkpoint({"hyper_parameters": {"backbone": "mobilenet_v2", "class_names": ["a", "b", "c"]}})
+    with pytest.raises(CaltechError, match="resnet18"):
+        model.on_load_checkpoint({"hyper_parameters": {"backbone": "resnet18", "class_names": ["a", "b"]}})
+
+
+def test_checkpoint_names_the_classes_when_the_model_has_none():
+    model = TransferClassifier(weights=None)
+    assert model.head is None
+    model.on_load_checkpoint({"hyper_parameters": {"backbone": "mobilenet_v2", "class_names": ["x", "y"]}})
+    assert model.class_names == ["x", "y"] and model.head.out_features == 2
