@@ -67,7 +67,7 @@ def test_download_with_wrong_checksum_leaves_nothing(tar_archive, tmp_path):
     with pytest.raises(CaltechError, match="checksum"):
         dm.prepare_data()
     assert not list((tmp_path / "data").glob(f"{tar_archive.name}*")), "no partial or bad file may stay"
-    assert dm.class_names is None
+    assert not (tmp_path / "data" / FOLDER).exists()
 
 
 def test_download_checksum_is_verified_when_right(tar_archive, tmp_path):
