@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from filelock import FileLock
+import pytorch_lightning as pl
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
@@ -21,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from caltech_cli import sources
 from caltech_cli.backbones import Preprocessing
 from caltech_cli.errors import CaltechError
+from caltech_cli.features import CachedFeatures, cached_features
 from caltech_cli.images import (
     LabelledImages,
     UnlabelledImages,
@@ -61,6 +64,13 @@ class ImageClassificationDataModule(LightningDataModule):
         checksum: Expected checksum of a downloaded archive ('sha256:<hex>' or 'md5:<hex>');
             null uses the known checksum of the source URL, if there is one.
         predict_dir: A folder of images (searched recursively) or one image, for ``predict``.
+        cache_features: With a frozen backbone, compute its features once per image, keep them
+            on disk and train the head on them: a fit then costs about one forward pass over
+            the images, and later runs with the same backbone reuse them.
+        cache_views: 0 caches training features of the evaluation transform (the usual linear
+            probe); N > 0 caches N augmented views of each training image instead, one drawn at
+            random each time the image is used.
+        cache_dir: Where cached features are kept; null means ``<data_dir>/feature-cache``.
         preprocessing: Image size and normalization; linked from the model's weights by the CLI.
     """
 
@@ -81,6 +91,9 @@ class ImageClassificationDataModule(LightningDataModule):
         crop_scale: tuple[float, float] = (0.5, 1.0),
         checksum: str | None = None,
         predict_dir: str | None = None,
+        cache_features: bool = False,
+        cache_views: int = 0,
+        cache_dir: str | None = None,
         preprocessing: Preprocessing | None = None,
     ) -> None:
         super().__init__()
@@ -97,9 +110,13 @@ class ImageClassificationDataModule(LightningDataModule):
         self.crop_scale = crop_scale
         self.checksum = checksum
         self.predict_dir = predict_dir
+        self.cache_features = cache_features
+        self.cache_views = cache_views
+        self.cache_dir = Path(cache_dir) if cache_dir else self.data_dir / "feature-cache"
         self.preprocessing = preprocessing or Preprocessing()
         self._class_names: list[str] | None = None
         self._splits: list[LabelledImages] | None = None
+        self._features: dict[str, CachedFeatures] = {}
         self.predict_files: list[Path] = []
 
     # -- where the files are -------------------------------------------------------------------
@@ -132,6 +149,9 @@ class ImageClassificationDataModule(LightningDataModule):
         lets processes that start together (torchrun, several jobs) wait for the first one.
         """
         if self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING:
+            return
+        if self._source_folder is not None:
+            log.info("Using the data set at %s in place", self.root)
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(self.data_dir / ".prepare.lock"):
@@ -248,29 +268,67 @@ class ImageClassificationDataModule(LightningDataModule):
             self.predict_files = find_images(folder)
             if not self.predict_files:
                 raise CaltechError(f"data.predict_dir {folder} holds no image files.")
-        else:
-            self._make_splits()
+            return
+        self._make_splits()
+        model = self._frozen_model()
+        if model is not None:
+            for split in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]:
+                self._cache(split, model)
+
+    # -- feature cache -------------------------------------------------------------------------
+
+    def _frozen_model(self) -> pl.LightningModule | None:
+        """The attached model when its backbone's features can be cached, else None."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if not self.cache_features or model is None:
+            return None
+        if not getattr(model, "freeze_backbone", False):
+            log.info("Not caching features: the backbone is trained (model.freeze_backbone is false)")
+            return None
+        return model
+
+    def _cache(self, split: str, model: pl.LightningModule) -> None:
+        if split in self._features:
+            return
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        pre = self.preprocessing
+        augment = split == "train" and self.cache_views > 0
+        transform = train_transform(pre, self.crop_scale) if augment else eval_transform(pre)
+        self._features[split] = cached_features(
+            model.features,
+            model.backbone,
+            replace(dataset, transform=transform),
+            self.cache_dir,
+            pre,
+            f"train{list(self.crop_scale)}" if augment else "eval",
+            self.cache_views if augment else 1,
+            self.batch_size,
+            self.num_workers,
+            split,
+        )
 
     # -- loaders -------------------------------------------------------------------------------
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+        """Images load in worker processes; cached features are in memory and need none."""
+        workers = 0 if isinstance(dataset, CachedFeatures) else self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self._features.get("train", self.train_set), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
+        return self._loader(self._features.get("val", self.val_set))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)
+        return self._loader(self._features.get("test", self.test_set))
 
     def predict_dataloader(self) -> DataLoader:
         pre = self.preprocessing

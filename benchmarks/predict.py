@@ -1,0 +1,89 @@
+"""``caltech predict`` against a plain forward pass over the same image files, side by side.
+
+(a) plain: the checkpoint's network (backbone + head) in plain PyTorch, channels-last, inference
+    mode, over the same files with the same decoding, batch size and workers;
+(b) ``caltech predict --ckpt_path ...`` writing predictions.csv, timed as a whole command, and
+    also less its start-up (a run over a single image), which a longer job pays once.
+
+    python benchmarks/predict.py --ckpt runs/transfer/best.ckpt --folder data/101_ObjectCategories --limit 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from caltech_cli.data import default_num_workers  # noqa: E402
+from caltech_cli.images import UnlabelledImages, eval_transform, find_images  # noqa: E402
+from caltech_cli.model import TransferClassifier  # noqa: E402
+
+CONFIG = REPO / "configs" / "transfer.yaml"
+
+
+def predict(ckpt: Path, folder: Path, work: Path) -> float:
+    env = dict(os.environ, WANDB_MODE="disabled")
+    command = [str(Path(sys.executable).with_name("caltech")), "predict", "--config", str(CONFIG),
+               "--ckpt_path", str(ckpt), "--data.predict_dir", str(folder), "--trainer.logger", "false",
+               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(work)]
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"caltech predict failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def plain(ckpt: Path, files: list[Path], batch_size: int) -> float:
+    model = TransferClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    pre = model.preprocessing
+    dataset = UnlabelledImages(files, eval_transform(pre), pre.crop_size, pre.resize_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=default_num_workers())
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for images, _, _ in loader:
+            model.head(model.backbone(images.contiguous(memory_format=torch.channels_last))).softmax(dim=1)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--folder", type=Path, required=True, help="images to predict (searched recursively)")
+    parser.add_argument("--limit", type=int, default=2000, help="use the first N images")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="caltech-predict-bench-"))
+    files = find_images(args.folder)[: args.limit]
+    images = work / "images"
+    for i, path in enumerate(files):
+        (images / f"{i // 500:03d}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, images / f"{i // 500:03d}" / f"{i:05d}{path.suffix}")
+    copied = find_images(images)
+    one = work / "one"
+    one.mkdir()
+    shutil.copy(copied[0], one)
+
+    plain_s = plain(args.ckpt, copied, batch_size=16)
+    startup_s = predict(args.ckpt, one, work / "startup")
+    predict_s = predict(args.ckpt, images, work / "run")
+    steady_s = predict_s - startup_s
+    n = len(copied)
+    print(f"images: {n}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"(a) plain forward pass:             {plain_s:7.1f} s  {n / plain_s:6.1f} img/s")
+    print(f"(b) caltech predict, whole command: {predict_s:7.1f} s  {n / predict_s:6.1f} img/s  ratio b/a {plain_s / predict_s:.2f}")
+    print(f"    less start-up ({startup_s:.1f} s):       {steady_s:7.1f} s  {n / steady_s:6.1f} img/s  ratio {plain_s / steady_s:.2f}")
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

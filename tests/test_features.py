@@ -1,0 +1,112 @@
+"""Feature cache: one backbone pass, reused while nothing that changes the features changes."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from caltech_cli import features
+from caltech_cli.backbones import preprocessing_for
+from caltech_cli.data import Caltech101DataModule
+from caltech_cli.model import TransferClassifier
+
+PRE = preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", image_size=64)
+
+
+@pytest.fixture
+def passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the images that go through a backbone for the cache."""
+    seen: list[int] = []
+    real = features.compute_features
+
+    def counting(extract, device, dataset, views, *args, **kwargs):
+        seen.append(views * len(dataset))
+        return real(extract, device, dataset, views, *args, **kwargs)
+
+    monkeypatch.setattr(features, "compute_features", counting)
+    return seen
+
+
+def fit(image_folder, tmp_path, epochs: int = 2, **data_options) -> tuple[TransferClassifier, Caltech101DataModule, dict]:
+    pl.seed_everything(0)
+    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), batch_size=8,
+                                num_workers=0, preprocessing=PRE, **data_options)
+    model = TransferClassifier(image_size=64, class_names=data.class_names)
+    model.configure_optimizers = lambda: torch.optim.AdamW(model.head.parameters(), lr=0.01)
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    metrics = trainer.test(model, datamodule=data, verbose=False)[0]
+    return model, data, metrics
+
+
+def test_second_fit_reuses_the_cache(image_folder, tmp_path, passes, caplog):
+    _, data, _ = fit(image_folder, tmp_path, cache_features=True)
+    assert passes == [19, 10, 9], "train, val and test computed once each"
+    assert isinstance(data.train_dataloader().dataset, features.CachedFeatures)
+    with caplog.at_level(logging.INFO, logger="caltech_cli"):
+        fit(image_folder, tmp_path, cache_features=True)
+    assert passes == [19, 10, 9], "nothing recomputed"
+    assert caplog.text.count("Reusing cached") == 3
+
+
+def test_changed_image_invalidates_the_cache(image_folder, tmp_path, passes):
+    fit(image_folder, tmp_path, epochs=1, cache_features=True)
+    victim = image_folder / "circles" / "image_0001.jpg"
+    stat = victim.stat()
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    fit(image_folder, tmp_path, epochs=1, cache_features=True)
+    assert len(passes) > 3, "the split holding the changed file is recomputed"
+
+
+def test_other_image_size_is_another_cache(image_folder, tmp_path, passes):
+    fit(image_folder, tmp_path, epochs=1, cache_features=True)
+    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), num_workers=0,
+                                preprocessing=preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", image_size=32),
+                                cache_features=True)
+    model = TransferClassifier(image_size=32, class_names=data.class_names)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.validate(model, datamodule=data, verbose=False)
+    assert passes[-1] == 10
+
+
+def test_half_written_cache_is_never_read(image_folder, tmp_path, passes):
+    folder = tmp_path / "data" / "feature-cache"
+    folder.mkdir(parents=True)
+    for name in ("train", "val", "test"):
+        (folder / f"{name}-0123456789abcdef01234567.pt.part").write_bytes(b"killed half-way")
+    _, _, metrics = fit(image_folder, tmp_path, epochs=1, cache_features=True)
+    assert passes == [19, 10, 9]
+    assert metrics["test/acc"] >= 0
+
+
+def test_augmented_views(image_folder, tmp_path, passes):
+    _, data, _ = fit(image_folder, tmp_path, epochs=1, cache_features=True, cache_views=3)
+    cached = data.train_dataloader().dataset
+    assert cached.features.shape[:2] == (3, 19)
+    assert not torch.equal(cached.features[0], cached.features[1]), "views differ"
+    assert passes[0] == 3 * 19
+
+
+def test_head_on_cached_features_equals_head_on_images(image_folder, tmp_path):
+    """The cache changes only where the features come from, not the scores."""
+    model, _, metrics = fit(image_folder, tmp_path, epochs=3, cache_features=True)
+    assert metrics["test/acc"] >= 0.8
+    sample = torch.randn(4, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(sample), model(model.features(sample)), atol=1e-5)
+
+
+def test_trained_backbone_is_not_cached(image_folder, tmp_path, passes):
+    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), batch_size=8,
+                                num_workers=0, preprocessing=PRE, cache_features=True)
+    model = TransferClassifier(image_size=64, freeze_backbone=False, class_names=data.class_names)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    assert passes == []
