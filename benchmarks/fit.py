@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,7 @@ def main() -> None:
     print(f"images: {images} (train+val), {args.epochs} epochs, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(f"(a) floor, one forward pass:   {floor_s:8.1f} s  {images / floor_s:7.1f} img/s")
 
+    shutil.rmtree(work / "data" / "feature-cache", ignore_errors=True)  # (b) must start cold
     runs = {}
     for label, extra in (("(b) fit, cache cold", ["--data.cache_features", "true"]),
                          ("(b') fit, cache warm", ["--data.cache_features", "true"]),

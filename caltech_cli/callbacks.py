@@ -8,10 +8,19 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
+import torch
+import yaml
+from PIL import Image
+from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from pytorch_lightning.cli import SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
+from caltech_cli import report
+from caltech_cli.images import load_rgb
+
 TOP_K = 5
+HISTORY = "history.csv"
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):
@@ -105,3 +114,153 @@ class PredictionWriter(BasePredictionWriter):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+def _fixed_sample(size: int, count: int, seed: int) -> list[int]:
+    """The same ``count`` indices of ``size`` items on every call, so epochs and runs compare."""
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(size, generator=generator)[:count].tolist())
+
+
+class TestReport(Callback):
+    """Write a report of every ``test`` run, and send it to W&B when a W&B logger is attached.
+
+    Files in ``output``: ``metrics.json`` (the printed test metrics), ``per_class.csv``
+    (support, accuracy, precision, recall, average precision), ``confusion_matrix.png``,
+    ``pr_curves.png`` and ``predictions.png`` (a fixed sample of test images with predicted and
+    true labels). To W&B: ``wandb.plot.pr_curve``, ``wandb.plot.confusion_matrix`` and the PNGs.
+
+    Args:
+        output: Folder of the report; null means ``<trainer.default_root_dir>/report``.
+        samples: Test images shown in ``predictions.png``.
+        seed: Chooses those images.
+    """
+
+    def __init__(self, output: str | None = None, samples: int = 24, seed: int = 0) -> None:
+        self.output = output
+        self.samples = samples
+        self.seed = seed
+        self._probs: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._probs, self._labels = [], []
+
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._probs.append(outputs["logits"].float().softmax(dim=1).cpu())
+        self._labels.append(batch[1].cpu())
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not self._probs:
+            return
+        folder = Path(self.output) if self.output else Path(trainer.default_root_dir) / "report"
+        folder.mkdir(parents=True, exist_ok=True)
+        probs, labels, names = torch.cat(self._probs), torch.cat(self._labels), pl_module.class_names
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        report.write_metrics(metrics, folder / "metrics.json")
+        rows = report.per_class(probs, labels, names)
+        report.write_per_class(rows, folder / "per_class.csv")
+        pictures = [folder / "confusion_matrix.png", folder / "pr_curves.png"]
+        report.draw_confusion_matrix(probs, labels, names, pictures[0])
+        report.draw_pr_curves(probs, labels, names, pictures[1], rows)
+        files = getattr(getattr(trainer.datamodule, "test_set", None), "files", None)
+        if files is not None and len(files) == len(labels):
+            chosen = _fixed_sample(len(files), self.samples, self.seed)
+            pictures.append(folder / "predictions.png")
+            report.draw_prediction_grid([files[i] for i in chosen], probs[chosen], labels[chosen], names, pictures[-1])
+        for logger in _wandb_loggers(trainer):
+            import wandb
+
+            logger.experiment.log(
+                {
+                    "test/pr_curve": wandb.plot.pr_curve(labels.tolist(), probs.tolist(), labels=list(names)),
+                    "test/confusion_matrix": wandb.plot.confusion_matrix(
+                        y_true=labels.tolist(), preds=probs.argmax(dim=1).tolist(), class_names=list(names)
+                    ),
+                    **{f"test/report/{p.stem}": wandb.Image(str(p)) for p in pictures},
+                }
+            )
+        rank_zero_info(f"Wrote the test report to {folder}: {', '.join(p.name for p in sorted(folder.iterdir()))}")
+
+
+class WandbValidationSamples(Callback):
+    """At the end of each validation, log to W&B a table of a fixed sample of validation images
+    with their predicted and true labels (the tutorial's prediction-image callback).
+
+    Args:
+        samples: Validation images in the table.
+        seed: Chooses those images; the same ones in every epoch, so epochs compare.
+    """
+
+    def __init__(self, samples: int = 16, seed: int = 0) -> None:
+        self.samples = samples
+        self.seed = seed
+        self._thumbnails: list[Any] = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loggers = _wandb_loggers(trainer)
+        images = getattr(trainer.datamodule, "val_set", None)
+        if not loggers or images is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        import wandb
+
+        chosen = _fixed_sample(len(images), self.samples, self.seed)
+        if not self._thumbnails:
+            self._thumbnails = [wandb.Image(self._thumbnail(images.files[i])) for i in chosen]
+        # The validation loader's own items: cached features when the backbone is cached, else images.
+        source = trainer.val_dataloaders.dataset
+        inputs = torch.stack([source[i][0] for i in chosen]).to(pl_module.device)
+        with torch.no_grad():
+            probs = pl_module(inputs).softmax(dim=1).cpu()
+        names = pl_module.class_names
+        rows = [
+            [thumb, names[int(p.argmax())], names[images.labels[i]], float(p.max()), trainer.current_epoch]
+            for thumb, i, p in zip(self._thumbnails, chosen, probs)
+        ]
+        for logger in loggers:
+            logger.log_table("val/samples", columns=["image", "prediction", "truth", "probability", "epoch"], data=rows)
+
+    @staticmethod
+    def _thumbnail(path: Path) -> Image.Image:
+        image = load_rgb(path, min_size=128)
+        image.thumbnail((128, 128))
+        return image
+
+
+class WandbSaveConfig(SaveConfigCallback):
+    """LightningCLI's config.yaml, and the whole resolved config as the W&B run's config."""
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        loggers = _wandb_loggers(trainer)
+        if loggers:
+            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            for logger in loggers:
+                logger.experiment.config.update(config, allow_val_change=True)
+
+
+class EpochHistory(Callback):
+    """Keep ``<trainer.default_root_dir>/history.csv``: one row of train and val metrics per
+    epoch of the latest fit, rewritten as each epoch ends (``caltech compare`` reads it)."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rows: list[dict[str, float]] = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        self._rows.append({"epoch": trainer.current_epoch, **metrics})
+        columns = ["epoch", *sorted({k for row in self._rows for k in row} - {"epoch"})]
+        path = Path(trainer.default_root_dir) / HISTORY
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self._rows)

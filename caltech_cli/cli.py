@@ -10,8 +10,16 @@ import sys
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from torch.optim import Optimizer
 
+from caltech_cli import compare
 from caltech_cli.backbones import preprocessing_for
-from caltech_cli.callbacks import BestAndLastCheckpoint, PredictionWriter
+from caltech_cli.callbacks import (
+    BestAndLastCheckpoint,
+    EpochHistory,
+    PredictionWriter,
+    TestReport,
+    WandbSaveConfig,
+    WandbValidationSamples,
+)
 from caltech_cli.data import ImageClassificationDataModule
 from caltech_cli.errors import CaltechError
 from caltech_cli.model import TransferClassifier
@@ -41,6 +49,9 @@ class CaltechCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(TestReport, "report")
+        parser.add_lightning_class_args(WandbValidationSamples, "wandb_samples")
+        parser.add_lightning_class_args(EpochHistory, "history")
         parser.link_arguments(
             ("model.backbone", "model.weights", "model.image_size"),
             "data.init_args.preprocessing",
@@ -74,19 +85,25 @@ def make_cli(args: ArgsType = None, run: bool = True) -> CaltechCLI:
         TransferClassifier,
         ImageClassificationDataModule,
         subclass_mode_data=True,
+        save_config_callback=WandbSaveConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
     )
 
 
-def main(args: ArgsType = None) -> None:
-    """Run ``caltech``; a problem the user can fix ends in one line and exit status 2."""
+def main(args: list[str] | None = None) -> None:
+    """Run ``caltech`` (``caltech compare`` is the one command that is not a Trainer method);
+    a problem the user can fix ends in one line and exit status 2."""
     _show_our_messages()
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    args = sys.argv[1:] if args is None else args
     try:
-        make_cli(args)
+        if args and args[0] == "compare":
+            compare.main(list(args[1:]))
+        else:
+            make_cli(args)
     except CaltechError as error:
         print(f"caltech: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -71,6 +71,9 @@ class ImageClassificationDataModule(LightningDataModule):
             probe); N > 0 caches N augmented views of each training image instead, one drawn at
             random each time the image is used.
         cache_dir: Where cached features are kept; null means ``<data_dir>/feature-cache``.
+        feature_batch_size: Images per batch of the backbone pass that fills the cache; null
+            means ``batch_size``. On a CPU small channels-last batches are fastest (16 here runs
+            MobileNetV2 about 1.7x faster than 32), while the head may learn from larger ones.
         preprocessing: Image size and normalization; linked from the model's weights by the CLI.
     """
 
@@ -94,6 +97,7 @@ class ImageClassificationDataModule(LightningDataModule):
         cache_features: bool = False,
         cache_views: int = 0,
         cache_dir: str | None = None,
+        feature_batch_size: int | None = None,
         preprocessing: Preprocessing | None = None,
     ) -> None:
         super().__init__()
@@ -113,6 +117,7 @@ class ImageClassificationDataModule(LightningDataModule):
         self.cache_features = cache_features
         self.cache_views = cache_views
         self.cache_dir = Path(cache_dir) if cache_dir else self.data_dir / "feature-cache"
+        self.feature_batch_size = feature_batch_size or batch_size
         self.preprocessing = preprocessing or Preprocessing()
         self._class_names: list[str] | None = None
         self._splits: list[LabelledImages] | None = None
@@ -302,7 +307,7 @@ class ImageClassificationDataModule(LightningDataModule):
             pre,
             f"train{list(self.crop_scale)}" if augment else "eval",
             self.cache_views if augment else 1,
-            self.batch_size,
+            self.feature_batch_size,
             self.num_workers,
             split,
         )

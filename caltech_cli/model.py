@@ -112,7 +112,7 @@ class TransferClassifier(LightningModule):
             )
         return self.head(images if images.ndim == 2 else self.features(images))
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
@@ -120,16 +120,17 @@ class TransferClassifier(LightningModule):
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
         metrics.update(logits, labels)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(labels))
-        return loss
+        return loss, logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Returns the logits, which the TestReport callback turns into the test report."""
+        return {"logits": self._step(batch, "test")[1].detach()}
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor, list[str]], batch_idx: int) -> dict[str, Any]:
         images, indices, errors = batch

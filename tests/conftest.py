@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,10 @@ CLASSES = {
     "stripes": (40, 60, 220),
 }
 PER_CLASS = 12
-REAL_ARCHIVE = Path(__file__).resolve().parents[2] / "shared/data/caltech101/101_ObjectCategories.tar.gz"
+REPO = Path(__file__).resolve().parents[1]
+TRANSFER = str(REPO / "configs" / "transfer.yaml")
+SCRATCH = str(REPO / "configs" / "scratch.yaml")
+REAL_ARCHIVE = REPO.parent / "shared/data/caltech101/101_ObjectCategories.tar.gz"
 
 
 def draw(kind: str, rng: np.random.Generator) -> Image.Image:
@@ -92,3 +96,51 @@ def run_caltech(*args: str, cwd: Path, timeout: int = 300) -> subprocess.Complet
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     command = [str(Path(sys.executable).with_name("caltech")), *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def small_run(root: Path, source: str, config: str = TRANSFER) -> list[str]:
+    """Options that shrink a config to the generated images, with everything under ``root``."""
+    return [
+        "--config", config,
+        "--data.source", source,
+        "--data.data_dir", str(root / "data"),
+        "--data.split", "[50, 25, 25]",
+        "--data.batch_size", "8",
+        "--data.num_workers", "0",
+        "--model.image_size", "64",
+        "--trainer.default_root_dir", str(root / "runs"),
+        "--trainer.logger.save_dir", str(root / "runs"),
+    ]
+
+
+@dataclass
+class TrainedRun:
+    """A finished small ``caltech fit`` and ``caltech test`` of the transfer config."""
+
+    root: Path
+    source: str
+    fit: subprocess.CompletedProcess
+    test: subprocess.CompletedProcess
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def best(self) -> Path:
+        return self.runs / "best.ckpt"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tar_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    root = tmp_path_factory.mktemp("trained")
+    source = tar_archive.as_uri()
+    fit = run_caltech(
+        "fit", *small_run(root, source),
+        "--trainer.max_epochs", "4", "--optimizer.lr", "0.01", "--lr_scheduler.T_max", "4", "--data.batch_size", "4",
+        cwd=root,
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    test = run_caltech("test", *small_run(root, source), "--ckpt_path", str(root / "runs" / "best.ckpt"), cwd=root)
+    assert test.returncode == 0, test.stderr[-3000:]
+    return TrainedRun(root, source, fit, test)

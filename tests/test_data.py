@@ -210,6 +210,14 @@ def test_to_rgb_handles_modes(image):
         assert rgb.getpixel((0, 0)) == (255, 255, 255), "16-bit white stays white"
 
 
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_rgb(tmp_path / "rotated.jpg").size == (20, 40)
+
+
 def test_large_jpeg_is_decoded_at_reduced_size(tmp_path):
     path = tmp_path / "big.jpg"
     Image.new("RGB", (2000, 1600), (10, 20, 30)).save(path)

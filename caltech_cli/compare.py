@@ -1,0 +1,85 @@
+"""``caltech compare``: runs side by side, as one picture and one table.
+
+A run folder is a ``trainer.default_root_dir`` (``runs/transfer``, ``runs/scratch``): its
+``history.csv`` holds the latest fit's epochs and ``report/metrics.json`` its latest test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from caltech_cli.callbacks import HISTORY  # noqa: E402
+from caltech_cli.errors import CaltechError  # noqa: E402
+
+TEST_COLUMNS = ["test/acc", "test/acc_top5", "test/acc_macro", "test/loss"]
+
+
+def read_history(run: Path) -> list[dict[str, float]]:
+    path = run / HISTORY
+    if not path.is_file():
+        raise CaltechError(f"{path} does not exist. Fix: pass the trainer.default_root_dir of a finished `caltech fit`.")
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def read_test_metrics(run: Path) -> dict[str, float]:
+    path = run / "report" / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def compare(runs: list[Path], output: Path) -> list[Path]:
+    """Draw val/acc and val/loss per epoch of each run, and tabulate their test metrics."""
+    histories = {run: read_history(run) for run in runs}
+    names = {run: run.name or str(run) for run in runs}
+    output.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key in zip(axes, ("val/acc", "val/loss")):
+        for run, history in histories.items():
+            points = [(row["epoch"], row[key]) for row in history if key in row]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=names[run])
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Runs compared: " + " vs ".join(names.values()))
+    fig.tight_layout()
+    picture = output / "comparison.png"
+    fig.savefig(picture, dpi=110)
+    plt.close(fig)
+
+    header = ["run", "epochs", "best val/acc", *TEST_COLUMNS]
+    rows = []
+    for run, history in histories.items():
+        test = read_test_metrics(run)
+        best = max((row["val/acc"] for row in history if "val/acc" in row), default=None)
+        cells = [names[run], str(len(history)), "" if best is None else f"{best:.4f}"]
+        rows.append(cells + [f"{test[c]:.4f}" if c in test else "" for c in TEST_COLUMNS])
+    table_csv = output / "comparison.csv"
+    with open(table_csv, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    table_md = output / "comparison.md"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell or "–" for cell in row) + " |" for row in rows]
+    table_md.write_text("\n".join(lines) + "\n")
+    return [picture, table_md, table_csv]
+
+
+def main(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="caltech compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (trainer.default_root_dir of each run)")
+    parser.add_argument("--output", type=Path, default=Path("comparison"),
+                        help="folder for comparison.png, comparison.md and comparison.csv (default: comparison)")
+    options = parser.parse_args(args)
+    written = compare(options.runs, options.output)
+    print("\n".join(["Wrote " + ", ".join(str(p) for p in written), "", written[1].read_text()]))

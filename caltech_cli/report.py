@@ -1,0 +1,192 @@
+"""Test reports: per-class numbers from torchmetrics, pictures drawn with matplotlib.
+
+Every function takes class probabilities (N, C), true labels (N,) and class names, so the
+same code serves the files on disk and what goes to W&B.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never needs a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchmetrics.functional.classification import (  # noqa: E402
+    binary_average_precision,
+    multiclass_average_precision,
+    multiclass_confusion_matrix,
+    multiclass_precision,
+    multiclass_precision_recall_curve,
+    multiclass_recall,
+)
+
+WRONG = "#c62828"
+RIGHT = "#2e7d32"
+
+
+def per_class(probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str]) -> list[dict]:
+    """Support, accuracy, precision, recall and average precision of each class."""
+    n = len(names)
+    preds = probs.argmax(dim=1)
+    precision = multiclass_precision(preds, labels, n, average=None)
+    recall = multiclass_recall(preds, labels, n, average=None)
+    ap = multiclass_average_precision(probs, labels, n, average=None)
+    support = torch.bincount(labels, minlength=n)
+    return [
+        {
+            "class": name,
+            "support": int(support[i]),
+            "accuracy": float(recall[i]),  # per-class accuracy is the recall of that class
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "average_precision": float(ap[i]),
+        }
+        for i, name in enumerate(names)
+    ]
+
+
+def write_per_class(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
+
+
+def write_metrics(metrics: dict[str, float], path: Path) -> None:
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def most_confused(matrix: torch.Tensor, counts: torch.Tensor, names: Sequence[str], top: int) -> list[str]:
+    """The largest off-diagonal rates of a row-normalized confusion matrix, as lines of text."""
+    off = matrix.clone()
+    off.fill_diagonal_(0)
+    values, flat = off.flatten().topk(min(top, off.numel()))
+    lines = []
+    for value, index in zip(values.tolist(), flat.tolist()):
+        if value <= 0:
+            break
+        true, pred = divmod(index, len(names))
+        lines.append(f"{names[true]} → {names[pred]}: {value:.0%} ({int(counts[true, pred])})")
+    return lines
+
+
+def draw_confusion_matrix(probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str], path: Path) -> None:
+    """Row-normalized confusion matrix (rows: true class), labelled, with the most confused pairs listed."""
+    n = len(names)
+    preds = probs.argmax(dim=1)
+    counts = multiclass_confusion_matrix(preds, labels, n)
+    rates = multiclass_confusion_matrix(preds, labels, n, normalize="true")
+    side = max(6.0, 0.16 * n + 3)
+    font = max(4.0, min(10.0, 600 / max(n, 1) / 6))
+    fig, (ax, text) = plt.subplots(1, 2, figsize=(side + 5, side), width_ratios=[side, 5])
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(n), names, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), names, fontsize=font)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"Confusion matrix (share of each true class), accuracy {float((preds == labels).float().mean()):.1%}")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
+    text.axis("off")
+    pairs = most_confused(rates, counts, names, top=25)
+    text.text(0, 1, "Most confused (true → predicted)\n\n" + ("\n".join(pairs) or "none"),
+              va="top", ha="left", fontsize=9, family="monospace", transform=text.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def average_precision(probs: torch.Tensor, labels: torch.Tensor, average: str) -> float:
+    """Micro (every class decision pooled, one-vs-rest) or macro (mean over classes) average precision."""
+    if average == "micro":
+        onehot = torch.nn.functional.one_hot(labels, probs.shape[1])
+        return float(binary_average_precision(probs.flatten(), onehot.flatten()))
+    return float(multiclass_average_precision(probs, labels, probs.shape[1], average=average))
+
+
+def macro_curve(probs: torch.Tensor, labels: torch.Tensor, points: int = 101) -> tuple[torch.Tensor, torch.Tensor]:
+    """Macro-average precision-recall curve: each class's interpolated precision (the best
+    precision at any recall at least r) on a common recall grid, averaged over the classes."""
+    grid = torch.linspace(0, 1, points)
+    per_class = []
+    for precision, recall in zip(*multiclass_precision_recall_curve(probs, labels, probs.shape[1])[:2]):
+        reachable = recall[None, :] >= grid[:, None]  # (points, curve)
+        per_class.append(torch.where(reachable, precision[None, :], torch.zeros(())).max(dim=1).values)
+    return grid, torch.stack(per_class).mean(dim=0)
+
+
+def draw_pr_curves(
+    probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str], path: Path, rows: list[dict], worst: int = 6
+) -> None:
+    """Micro- and macro-average precision-recall curves, and the classes with the lowest AP."""
+    n = len(names)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
+    precision, recall, _ = multiclass_precision_recall_curve(probs, labels, n, average="micro")
+    left.plot(recall.numpy(), precision.numpy(), label=f"micro average (AP {average_precision(probs, labels, 'micro'):.3f})")
+    grid, mean_precision = macro_curve(probs, labels)
+    left.plot(grid.numpy(), mean_precision.numpy(), "--",
+              label=f"macro average (AP {average_precision(probs, labels, 'macro'):.3f})")
+    left.set_title("All classes")
+    weakest = sorted(range(n), key=lambda i: rows[i]["average_precision"])[:worst]
+    precision, recall, _ = multiclass_precision_recall_curve(probs, labels, n)
+    for i in weakest:
+        right.plot(recall[i].numpy(), precision[i].numpy(),
+                   label=f"{names[i]} (AP {rows[i]['average_precision']:.3f}, n={rows[i]['support']})")
+    right.set_title(f"The {len(weakest)} classes with the lowest average precision")
+    for ax in (left, right):
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0, 1.01)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=8)
+    fig.suptitle("Precision-recall on the test set")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_prediction_grid(
+    files: Sequence[Path], probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str], path: Path, columns: int = 6
+) -> None:
+    """Test images with predicted and true labels; wrong predictions framed and titled in red."""
+    from caltech_cli.images import load_rgb
+
+    count = len(files)
+    rows = max(1, -(-count // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 2.4, rows * 2.7), squeeze=False)
+    confidence, preds = probs.max(dim=1)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, file, pred, p, true in zip(axes.flat, files, preds.tolist(), confidence.tolist(), labels.tolist()):
+        image = load_rgb(file, min_size=256)
+        image.thumbnail((256, 256), Image.Resampling.BILINEAR)
+        ax.imshow(image)
+        ok = pred == true
+        colour = RIGHT if ok else WRONG
+        title = f"{names[pred]} ({p:.0%})" + ("" if ok else f"\ntrue: {names[true]}")
+        ax.set_title(title, fontsize=8, color=colour)
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(1 if ok else 3)
+    wrong = int((preds != labels).sum())
+    fig.suptitle(f"Test predictions: {count - wrong} right, {wrong} wrong (red)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

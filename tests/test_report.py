@@ -1,0 +1,139 @@
+"""What runs leave behind for people: test reports, predictions on messy folders, W&B, comparisons."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import numpy as np
+from conftest import CLASSES, SCRATCH, draw, run_caltech, small_run
+from PIL import Image
+
+REPORT_FILES = {"metrics.json", "per_class.csv", "confusion_matrix.png", "pr_curves.png", "predictions.png"}
+
+
+def printed_metrics(output: str) -> dict[str, float]:
+    return {k: float(v) for k, v in re.findall(r"^\s*(test/\w+)\s+([0-9.]+)\s*$", output, re.MULTILINE)}
+
+
+def test_test_writes_a_report(trained_run):
+    report = trained_run.runs / "report"
+    assert {p.name for p in report.iterdir()} == REPORT_FILES
+    for picture in REPORT_FILES - {"metrics.json", "per_class.csv"}:
+        with Image.open(report / picture) as image:
+            assert image.format == "PNG" and min(image.size) > 300
+    saved = json.loads((report / "metrics.json").read_text())
+    printed = printed_metrics(trained_run.test.stdout)
+    assert set(saved) == set(printed) == {"test/acc", "test/acc_top5", "test/acc_macro", "test/loss"}
+    for name, value in printed.items():
+        assert abs(saved[name] - value) < 1e-6, name
+    with open(report / "per_class.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["class"] for row in rows] == sorted(CLASSES)
+    assert sum(int(row["support"]) for row in rows) == 9
+    mean_accuracy = sum(float(row["accuracy"]) for row in rows) / len(rows)
+    assert abs(mean_accuracy - saved["test/acc_macro"]) < 1e-4, "per-class accuracy averages to acc_macro"
+
+
+def write_messy_folder(folder, rng) -> dict[str, bool]:
+    """Good and bad files of every kind a photo folder holds; the value says if it is readable."""
+    (folder / "a" / "b").mkdir(parents=True)
+    draw("circles", rng).save(folder / "circle.jpg")
+    draw("squares", rng).save(folder / "a" / "square.png")
+    draw("stripes", rng).convert("L").save(folder / "a" / "b" / "grey_stripes.jpg")
+    draw("squares", rng).convert("CMYK").save(folder / "cmyk_square.jpg")
+    draw("circles", rng).convert("P").save(folder / "palette_circle.png", transparency=0)
+    rgba = draw("stripes", rng).convert("RGBA")
+    rgba.putalpha(200)
+    rgba.save(folder / "rgba_stripes.png")
+    rotated = draw("circles", rng)
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(folder / "exif_rotated.jpg", exif=exif)
+    whole = (folder / "circle.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 3])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not a photo")
+    (folder / "notes.txt").write_text("not an image extension: not listed")
+    return {
+        "circle.jpg": True, "a/square.png": True, "a/b/grey_stripes.jpg": True, "cmyk_square.jpg": True,
+        "palette_circle.png": True, "rgba_stripes.png": True, "exif_rotated.jpg": True,
+        "truncated.jpg": False, "empty.jpg": False, "text.jpg": False,
+    }
+
+
+def test_predict_on_a_messy_folder(trained_run, tmp_path):
+    expected = write_messy_folder(tmp_path / "photos", np.random.default_rng(7))
+    output = tmp_path / "out" / "preds.csv"
+    result = run_caltech(
+        "predict", *small_run(trained_run.root, trained_run.source), "--ckpt_path", str(trained_run.best),
+        "--data.predict_dir", str(tmp_path / "photos"), "--predictions.output", str(output), "--trainer.logger", "false",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(output) as f:
+        rows = {row["path"]: row for row in csv.DictReader(f)}
+    assert set(rows) == set(expected)
+    for path, readable in expected.items():
+        row = rows[path]
+        if readable:
+            assert row["class"] in CLASSES and not row["error"], row
+            assert float(row["probability"]) >= float(row["probability_2"])
+        else:
+            assert row["class"] == "" and row["error"], row
+    assert "3 could not be read" in result.stderr
+    assert rows["circle.jpg"]["class"] == "circles"
+
+
+def test_one_image_as_predict_dir(trained_run, tmp_path):
+    image = tmp_path / "one.jpg"
+    draw("stripes", np.random.default_rng(3)).save(image)
+    result = run_caltech(
+        "predict", *small_run(trained_run.root, trained_run.source), "--ckpt_path", str(trained_run.best),
+        "--data.predict_dir", str(image), "--predictions.output", str(tmp_path / "p.csv"), "--trainer.logger", "false",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [(r["path"], r["class"]) for r in rows] == [("one.jpg", "stripes")]
+
+
+def test_wandb_offline_run_holds_tables_curves_and_config(trained_run):
+    fit_run, test_run = sorted(trained_run.runs.glob("wandb/offline-run-*"))[:2]
+    fit_media = {p.name for p in (fit_run / "files" / "media" / "table").rglob("*.table.json")}
+    assert any(name.startswith("samples_") for name in fit_media), fit_media
+    table = json.loads(next((fit_run / "files" / "media" / "table").rglob("samples_*.table.json")).read_text())
+    assert table["columns"] == ["image", "prediction", "truth", "probability", "epoch"]
+    assert {row[2] for row in table["data"]} <= set(CLASSES)
+    test_tables = {p.name for p in (test_run / "files" / "media" / "table").rglob("*.table.json")}
+    assert any(name.startswith("pr_curve_table") for name in test_tables), test_tables
+    assert any(name.startswith("confusion_matrix_table") for name in test_tables), test_tables
+    images = {p.name for p in (test_run / "files" / "media" / "images").rglob("*.png")}
+    assert any(name.startswith("confusion_matrix") for name in images), images
+    records = next(fit_run.glob("run-*.wandb")).read_bytes()  # offline runs keep their config here
+    assert b"Caltech101DataModule" in records and b"feature_batch_size" in records, "the whole config"
+
+
+def test_compare_two_runs(trained_run, tmp_path):
+    scratch = tmp_path / "scratch"
+    options = [*small_run(scratch, trained_run.source, config=SCRATCH), "--model.image_size", "32",
+               "--model.backbone", "resnet18", "--trainer.max_epochs", "2", "--lr_scheduler.T_max", "2"]
+    assert run_caltech("fit", *options, cwd=scratch.parent).returncode == 0
+    assert run_caltech("test", *options, "--ckpt_path", str(scratch / "runs" / "best.ckpt"), cwd=scratch.parent).returncode == 0
+    result = run_caltech("compare", str(trained_run.runs), str(scratch / "runs"), "--output", str(tmp_path / "cmp"),
+                         cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "cmp" / "comparison.png") as image:
+        assert image.format == "PNG"
+    rows = list(csv.DictReader(open(tmp_path / "cmp" / "comparison.csv")))
+    assert len(rows) == 2 and rows[0]["epochs"] == "4" and rows[1]["epochs"] == "2"
+    transfer_acc = json.loads((trained_run.runs / "report" / "metrics.json").read_text())["test/acc"]
+    assert rows[0]["test/acc"] == f"{transfer_acc:.4f}"
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert markdown.count("\n") == 4 and "test/acc_macro" in markdown
+
+
+def test_compare_names_a_run_without_history(tmp_path):
+    result = run_caltech("compare", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert result.returncode == 2 and "history.csv does not exist" in result.stderr
