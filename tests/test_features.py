@@ -110,3 +110,25 @@ def test_trained_backbone_is_not_cached(image_folder, tmp_path, passes):
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
     assert passes == []
+
+
+def test_resume_with_the_cache(image_folder, tmp_path, passes):
+    """``fit --ckpt_path`` continues from the checkpoint on the same cached features."""
+    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), batch_size=8,
+                                num_workers=0, preprocessing=PRE, cache_features=True)
+
+    def trainer(epochs: int) -> pl.Trainer:
+        return pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          default_root_dir=tmp_path)
+
+    first = trainer(1)
+    model = TransferClassifier(image_size=64, class_names=data.class_names)
+    first.fit(model, datamodule=data)
+    first.save_checkpoint(tmp_path / "one.ckpt")
+    resumed_model = TransferClassifier(image_size=64, class_names=data.class_names)
+    resumed = trainer(3)
+    resumed.fit(resumed_model, datamodule=Caltech101DataModule(
+        str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), batch_size=8, num_workers=0,
+        preprocessing=PRE, cache_features=True), ckpt_path=tmp_path / "one.ckpt")
+    assert resumed.current_epoch == 3 and resumed.global_step == 3 * 3
+    assert passes == [19, 10], "the resumed fit reuses the features of the first"
