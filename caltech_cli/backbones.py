@@ -16,10 +16,13 @@ When none of them works the error names the file, where to put it, and the alter
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -120,14 +123,24 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load a state dict without running code from the file (``weights_only``)."""
+def load_safely(path: Path, what: str) -> Any:
+    """``torch.load`` that never runs code from the file (``weights_only``), with one clear error."""
+    if not path.is_file():
+        raise CaltechError(f"{what} {path} does not exist. Fix: check the path.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for unreadable or unsafe files
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
         raise CaltechError(
-            f"cannot read weights file {path}: {error}. Fix: pass a state-dict saved with torch.save."
+            f"refusing to load {what} {path}: unpickling it would run code or build objects that are not "
+            f"tensors ({str(error).splitlines()[-1][:200]}). Nothing from it was run. Fix: load only files "
+            "from sources you trust, saved with torch.save of a state dict."
         ) from error
+    except Exception as error:  # torch raises several types for unreadable files
+        raise CaltechError(f"cannot read {what} {path}: {error}. Fix: pass a file saved with torch.save.") from error
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    state = load_safely(path, "weights file")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -195,7 +208,7 @@ def _build_network(backbone: str) -> nn.Module:
         return models.get_model(backbone)
     except (KeyError, ValueError) as error:
         names = models.list_models(module=models)
-        close = [n for n in names if backbone.lower()[:4] in n] or names[:10]
+        close = difflib.get_close_matches(backbone.lower(), names, n=5, cutoff=0.5) or names[:10]
         raise CaltechError(
             f"model.backbone {backbone!r} is not a torchvision classification model. "
             f"Fix: use one of {', '.join(close)} (all: torchvision.models.list_models())."
@@ -211,10 +224,7 @@ def resolve_backbone(backbone: str, weights: str | None, image_size: int | None 
     network = _build_network(backbone)
     if weights is not None:
         if _looks_like_path(weights):
-            path = Path(weights)
-            if not path.is_file():
-                raise CaltechError(f"model.weights file {path} does not exist. Fix: check the path.")
-            state = _read_state_dict(path)
+            state = _read_state_dict(Path(weights))
         else:
             state = _pretrained_state_dict(backbone, weights)
         try:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import asdict
+from pathlib import Path
 import sys
 
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from torch.optim import Optimizer
 
 from caltech_cli import compare
-from caltech_cli.backbones import preprocessing_for
+from caltech_cli.backbones import load_safely, preprocessing_for
 from caltech_cli.callbacks import (
     BestAndLastCheckpoint,
     EpochHistory,
@@ -42,6 +43,8 @@ class CaltechCLI(LightningCLI):
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": True,
+                # Ctrl-C or SIGTERM during fit saves where it stopped; `fit --ckpt_path last.ckpt` resumes.
+                "checkpoint.save_on_exception": True,
                 "checkpoint.filename": "best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
                 "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4}},
@@ -60,6 +63,14 @@ class CaltechCLI(LightningCLI):
         )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then refuse a checkpoint that would run code before LightningCLI reads it."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            load_safely(Path(ckpt_path), "checkpoint")
 
 
 def _show_our_messages() -> None:
@@ -98,12 +109,14 @@ def main(args: list[str] | None = None) -> None:
     _show_our_messages()
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-    args = sys.argv[1:] if args is None else args
+    argv = sys.argv[1:] if args is None else args
     try:
-        if args and args[0] == "compare":
-            compare.main(list(args[1:]))
+        if argv and argv[0] == "compare":
+            compare.main(list(argv[1:]))
         else:
             make_cli(args)
     except CaltechError as error:
-        print(f"caltech: error: {error}", file=sys.stderr)
+        # Raised in a DataLoader worker, it arrives wrapped in the worker's traceback: keep the message.
+        message = str(error).rsplit(f"{CaltechError.__name__}: ", 1)[-1].strip()
+        print(f"caltech: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -28,8 +28,9 @@ from caltech_cli.images import (
     LabelledImages,
     UnlabelledImages,
     eval_transform,
+    IMAGE_EXTENSIONS,
     find_images,
-    image_format,
+    image_problem,
     stratified_split,
     train_transform,
 )
@@ -64,6 +65,10 @@ class ImageClassificationDataModule(LightningDataModule):
         checksum: Expected checksum of a downloaded archive ('sha256:<hex>' or 'md5:<hex>');
             null uses the known checksum of the source URL, if there is one.
         predict_dir: A folder of images (searched recursively) or one image, for ``predict``.
+        skip_bad_images: Train without image files that cannot be used (empty, truncated,
+            corrupt, too large) instead of stopping before training; either way they are listed.
+        max_extract_gb: Refuse archives that unpack to more than this many GiB.
+        max_extract_files: Refuse archives that unpack to more than this many files.
         cache_features: With a frozen backbone, compute its features once per image, keep them
             on disk and train the head on them: a fit then costs about one forward pass over
             the images, and later runs with the same backbone reuse them.
@@ -94,6 +99,9 @@ class ImageClassificationDataModule(LightningDataModule):
         crop_scale: tuple[float, float] = (0.5, 1.0),
         checksum: str | None = None,
         predict_dir: str | None = None,
+        skip_bad_images: bool = False,
+        max_extract_gb: float = 20.0,
+        max_extract_files: int = 2_000_000,
         cache_features: bool = False,
         cache_views: int = 0,
         cache_dir: str | None = None,
@@ -114,6 +122,8 @@ class ImageClassificationDataModule(LightningDataModule):
         self.crop_scale = crop_scale
         self.checksum = checksum
         self.predict_dir = predict_dir
+        self.skip_bad_images = skip_bad_images
+        self.extract_limits = sources.Limits(int(max_extract_gb * 2**30), max_extract_files)
         self.cache_features = cache_features
         self.cache_views = cache_views
         self.cache_dir = Path(cache_dir) if cache_dir else self.data_dir / "feature-cache"
@@ -173,7 +183,7 @@ class ImageClassificationDataModule(LightningDataModule):
                         f"data.source {self.source} does not exist. Fix: pass --data.source with the path of the "
                         f"archive or of the extracted folder, or an https URL to download it from."
                     )
-            sources.extract(archive, self.root, self._source_id())
+            sources.extract(archive, self.root, self._source_id(), self.extract_limits)
             log.info("Extracted %s to %s", archive, self.root)
 
     # -- classes and splits --------------------------------------------------------------------
@@ -210,19 +220,35 @@ class ImageClassificationDataModule(LightningDataModule):
         return None if names is None else len(names)
 
     def _scan(self) -> tuple[list[Path], list[int]]:
-        """Every image file under the class folders, judged by content, not by extension."""
+        """Every usable image under the class folders, judged by content, not by extension.
+
+        Files that are not images and do not claim to be (a README) are ignored. Files named as
+        images that cannot be used (empty, truncated, corrupt, too large) are listed with the
+        reason, and stop the run before training unless ``skip_bad_images`` is set.
+        """
         names = self.class_names or []
-        files, labels, skipped = [], [], []
+        files, labels, ignored, bad = [], [], [], []
         for label, name in enumerate(names):
             for path in sorted(p for p in (self.root / name).rglob("*") if p.is_file()):
-                if image_format(path) is None:
-                    skipped.append(path)
-                    continue
-                files.append(path)
-                labels.append(label)
-        if skipped:
-            shown = ", ".join(str(p.relative_to(self.root)) for p in skipped[:10])
-            log.warning("Skipping %d files that are not images: %s", len(skipped), shown)
+                problem = image_problem(path)
+                if problem is None:
+                    files.append(path)
+                    labels.append(label)
+                elif problem == "not an image" and path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    ignored.append(path)
+                else:
+                    bad.append(f"{path}: {problem}")
+        if ignored:
+            shown = ", ".join(str(p.relative_to(self.root)) for p in ignored[:10])
+            log.info("Ignoring %d files that are not images: %s", len(ignored), shown)
+        if bad:
+            listing = "\n  ".join(bad)
+            if not self.skip_bad_images:
+                raise CaltechError(
+                    f"{len(bad)} image files under {self.root} cannot be used:\n  {listing}\n"
+                    "Fix: remove or replace them, or pass --data.skip_bad_images true to train without them."
+                )
+            log.warning("Skipping %d image files that cannot be used:\n  %s", len(bad), listing)
         if not files:
             raise CaltechError(f"no images found under {self.root}.")
         return files, labels

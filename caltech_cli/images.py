@@ -18,19 +18,44 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from caltech_cli.backbones import Preprocessing
+from caltech_cli.errors import CaltechError
 
 # Extensions that `predict` looks for in a folder. Training data is judged by content instead,
 # because real archives hold images without extensions (Caltech-101's BACKGROUND_Google/tmp).
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
 
 
-def image_format(path: Path) -> str | None:
-    """The image format that PIL reads from the file's header, or None if it is not an image."""
+# The bytes an intact file of these formats ends with (allowing some trailing padding).
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def _ends_intact(path: Path, marker: bytes) -> bool:
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 64))
+        return marker in f.read()
+
+
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an image, or None when it can.
+
+    Judged from the header (format, size, PIL's decompression-bomb limit) and, for JPEG and
+    PNG, from the end of the file, which a truncated download or copy lacks: cheap enough to
+    run over every file of a data set before training starts.
+    """
     try:
+        if path.stat().st_size == 0:
+            return "empty file"
         with Image.open(path) as image:
-            return image.format
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None
+            kind = image.format
+    except Image.DecompressionBombError as error:
+        return f"over PIL's decompression-bomb limit ({error})"
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, ValueError, SyntaxError) as error:
+        return f"unreadable ({error})"
+    if kind in END_MARKERS and not _ends_intact(path, END_MARKERS[kind]):
+        return f"truncated {kind} (its end is missing)"
+    return None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -148,7 +173,14 @@ class LabelledImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_rgb(self.files[index], self.min_size)), self.labels[index]
+        try:
+            image = load_rgb(self.files[index], self.min_size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise CaltechError(
+                f"cannot read image {self.files[index]}: {error}. Fix: remove or replace it, or run with "
+                "--data.skip_bad_images true after the data set scan lists it."
+            ) from error
+        return self.transform(image), self.labels[index]
 
 
 @dataclass

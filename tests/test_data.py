@@ -231,3 +231,70 @@ def test_predict_needs_a_folder_with_images(tmp_path):
         module(tmp_path, tmp_path, predict_dir=str(tmp_path / "empty")).setup("predict")
     with pytest.raises(CaltechError, match="--data.predict_dir"):
         module(tmp_path, tmp_path).setup("predict")
+
+
+def bad_images_folder(root: Path) -> Path:
+    """A Caltech-like folder with good images in unusual formats and bad files named as images."""
+    rng = np.random.default_rng(5)
+    top = root / FOLDER
+    for kind in ("circles", "squares"):
+        (top / kind).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(top / kind / f"{i}.jpg")
+    odd = top / "circles"
+    Image.new("CMYK", (30, 30), (10, 20, 30, 40)).save(odd / "cmyk.jpg")
+    Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16)).save(odd / "sixteen_bit.png")
+    Image.new("P", (30, 30), 3).save(odd / "palette.png", transparency=3)
+    frames = [Image.new("RGB", (30, 30), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(odd / "animated.gif", save_all=True, append_images=frames[1:])
+    rotated = Image.new("RGB", (30, 20))
+    exif = rotated.getexif()
+    exif[0x0112] = 8
+    rotated.save(odd / "rotated.jpg", exif=exif)
+    whole = (top / "squares" / "0.jpg").read_bytes()
+    (top / "squares" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (top / "squares" / "empty.jpg").write_bytes(b"")
+    (top / "squares" / "text.jpg").write_text("not a photo")
+    (top / "squares" / "notes.txt").write_text("ignored: not named as an image")
+    return top
+
+
+def test_bad_images_stop_before_training_with_reasons(tmp_path):
+    top = bad_images_folder(tmp_path)
+    dm = module(top, tmp_path)
+    with pytest.raises(CaltechError) as error:
+        dm.setup("fit")
+    message = str(error.value)
+    assert "3 image files" in message and "--data.skip_bad_images true" in message
+    assert f"{top / 'squares' / 'truncated.jpg'}: truncated JPEG" in message
+    assert f"{top / 'squares' / 'empty.jpg'}: empty file" in message
+    assert f"{top / 'squares' / 'text.jpg'}: not an image" in message
+    assert "notes.txt" not in message and "cmyk" not in message
+
+
+def test_bad_images_can_be_skipped_and_odd_formats_load(tmp_path):
+    top = bad_images_folder(tmp_path)
+    dm = module(top, tmp_path, skip_bad_images=True, split=(1, 1, 1))
+    dm.setup("fit")
+    everything = [s for s in (dm.train_set, dm.val_set, dm.test_set)]
+    names = {p.name for s in everything for p in s.files}
+    assert names == {f"{i}.jpg" for i in range(6)} | {"cmyk.jpg", "sixteen_bit.png", "palette.png", "animated.gif", "rotated.jpg"}
+    for part in everything:
+        for i in range(len(part)):
+            assert part[i][0].shape == (3, 32, 32)
+
+
+def test_decompression_bomb_is_listed(tmp_path, monkeypatch):
+    top = bad_images_folder(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 30x30 and larger are now "bombs"
+    with pytest.raises(CaltechError, match="decompression-bomb"):
+        module(top, tmp_path).setup("fit")
+
+
+def test_image_that_fails_in_a_worker_is_named(image_folder, tmp_path):
+    dm = module(image_folder, tmp_path)
+    dm.setup("fit")
+    victim = tmp_path / "gone.jpg"
+    dataset = type(dm.train_set)([victim], [0], dm.train_set.transform)
+    with pytest.raises(CaltechError, match="cannot read image .*gone.jpg"):
+        dataset[0]

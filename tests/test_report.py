@@ -137,3 +137,25 @@ def test_compare_two_runs(trained_run, tmp_path):
 def test_compare_names_a_run_without_history(tmp_path):
     result = run_caltech("compare", str(tmp_path / "nothing"), cwd=tmp_path)
     assert result.returncode == 2 and "history.csv does not exist" in result.stderr
+
+
+def test_prediction_rows_are_on_disk_before_the_run_ends(tmp_path):
+    """A run stopped after a batch keeps that batch's rows: the writer flushes each batch."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from caltech_cli.callbacks import PredictionWriter
+
+    files = [tmp_path / f"{i}.jpg" for i in range(4)]
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path),
+                              datamodule=SimpleNamespace(predict_dir=str(tmp_path), predict_files=files))
+    module = SimpleNamespace(class_names=["a", "b"])
+    writer = PredictionWriter()
+    writer.on_predict_start(trainer, module)
+    batch = {"index": torch.tensor([0, 1]), "probs": torch.tensor([[0.9, 0.1], [0.2, 0.8]]), "error": ["", ""]}
+    writer.write_on_batch_end(trainer, module, batch, None, None, 0, 0)
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert [(r["path"], r["class"]) for r in rows] == [("0.jpg", "a"), ("1.jpg", "b")]
+    writer.on_exception(trainer, module, KeyboardInterrupt())
+    assert len(list(csv.DictReader(open(tmp_path / "predictions.csv")))) == 2
