@@ -117,7 +117,8 @@ class TransferClassifier(LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels),
+                 sync_dist=True)
         metrics.update(logits, labels)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(labels))
         return loss, logits

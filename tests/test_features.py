@@ -132,3 +132,17 @@ def test_resume_with_the_cache(image_folder, tmp_path, passes):
         preprocessing=PRE, cache_features=True), ckpt_path=tmp_path / "one.ckpt")
     assert resumed.current_epoch == 3 and resumed.global_step == 3 * 3
     assert passes == [19, 10], "the resumed fit reuses the features of the first"
+
+
+def test_ddp_on_cpu_shares_one_cache(tar_archive, tmp_path):
+    """Two processes (gloo): one computes each split's features, the other waits and reuses them."""
+    from conftest import run_caltech, small_run
+
+    result = run_caltech("fit", *small_run(tmp_path, str(tar_archive)), "--trainer.logger", "false",
+                         "--trainer.max_epochs", "2", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                         "--trainer.accelerator", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Cached train features") == 1
+    assert result.stderr.count("Reusing cached train features") == 1
+    assert len(list((tmp_path / "data" / "feature-cache").glob("*.pt"))) == 2
+    assert (tmp_path / "runs" / "best.ckpt").resolve().is_file()
