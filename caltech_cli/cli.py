@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-import sys
 
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from torch.optim import Optimizer
