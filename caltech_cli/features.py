@@ -19,8 +19,8 @@ import json
 import logging
 import os
 import random
-from dataclasses import asdict
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch

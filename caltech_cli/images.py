@@ -25,6 +25,9 @@ from caltech_cli.errors import CaltechError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
 
 
+NOT_AN_IMAGE = "not an image"
+# What opening or decoding a bad image file raises (PIL's bomb error is none of the others).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # The bytes an intact file of these formats ends with (allowing some trailing padding).
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 
@@ -50,7 +53,7 @@ def image_problem(path: Path) -> str | None:
     except Image.DecompressionBombError as error:
         return f"over PIL's decompression-bomb limit ({error})"
     except UnidentifiedImageError:
-        return "not an image"
+        return NOT_AN_IMAGE
     except (OSError, ValueError, SyntaxError) as error:
         return f"unreadable ({error})"
     if kind in END_MARKERS and not _ends_intact(path, END_MARKERS[kind]):
@@ -175,7 +178,7 @@ class LabelledImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         try:
             image = load_rgb(self.files[index], self.min_size)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        except UNREADABLE as error:
             raise CaltechError(
                 f"cannot read image {self.files[index]}: {error}. Fix: remove or replace it, or run with "
                 "--data.skip_bad_images true after the data set scan lists it."
@@ -199,6 +202,6 @@ class UnlabelledImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         try:
             return self.transform(load_rgb(self.files[index], self.min_size)), index, ""
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        except UNREADABLE as error:
             blank = torch.zeros(3, self.crop_size, self.crop_size)
             return blank, index, f"{type(error).__name__}: {error}"

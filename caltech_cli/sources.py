@@ -54,16 +54,22 @@ def _hasher(checksum: str) -> tuple[hashlib._Hash, str]:
     return hashlib.new(algorithm), expected.lower()
 
 
-def file_checksum(path: Path, checksum: str) -> bool:
-    """Whether ``path`` matches ``checksum`` ('algorithm:hex')."""
-    digest, expected = _hasher(checksum)
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest() == expected
+    return digest.hexdigest()
 
 
-def _fetch(url: str, partial: Path, name: str, checksum: str | None, timeout: float) -> str | None:
+def file_checksum(path: Path, checksum: str) -> bool:
+    """Whether ``path`` matches ``checksum`` ('algorithm:hex')."""
+    digest, expected = _hasher(checksum)
+    return file_digest(path, digest.name) == expected
+
+
+def _fetch(url: str, partial: Path, name: str, checksum: str | None, timeout: float) -> str:
     """Stream ``url`` into ``partial``; return its digest ('' when no checksum is asked for)."""
     digest = _hasher(checksum)[0] if checksum else None
     with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
@@ -90,6 +96,7 @@ def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0
         return target
     folder.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
+    expected = _hasher(checksum)[1] if checksum else None
     for attempt in range(1, attempts + 1):
         try:
             got = _fetch(url, partial, name, checksum, timeout)
@@ -103,10 +110,10 @@ def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0
                 ) from error
             log.warning("Download of %s failed (%s); trying again (%d of %d)", url, error, attempt + 1, attempts)
             time.sleep(RETRY_PAUSE_S * attempt)
-    if checksum is not None and got != _hasher(checksum)[1]:
+    if expected is not None and got != expected:
         partial.unlink(missing_ok=True)
         raise CaltechError(
-            f"the download of {url} has checksum {got}, expected {_hasher(checksum)[1]}: the file is "
+            f"the download of {url} has checksum {got}, expected {expected}: the file is "
             "damaged or not the one expected. Fix: try again, or pass another source with --data.source."
         )
     os.replace(partial, target)

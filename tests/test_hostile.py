@@ -144,19 +144,23 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
     assert not marker.exists(), "the pickle's code must not run"
 
 
-def test_sigterm_during_fit_leaves_a_checkpoint_to_resume_from(tar_archive, tmp_path):
+def interrupted_fit(tar_archive: Path, tmp_path: Path, signum: int) -> tuple[list[str], str]:
+    """Start a long ``caltech fit``, send ``signum`` once an epoch has finished; its options and output."""
     options = [*small_run(tmp_path, str(tar_archive)), "--trainer.logger", "false", "--data.batch_size", "2"]
-    env = dict(os.environ, WANDB_MODE="disabled")
     process = subprocess.Popen([str(Path(sys.executable).with_name("caltech")), "fit", *options,
-                                "--trainer.max_epochs", "1000"], cwd=tmp_path, env=env,
+                                "--trainer.max_epochs", "1000"], cwd=tmp_path, env=dict(os.environ, WANDB_MODE="disabled"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     history = tmp_path / "runs" / "history.csv"
     deadline = time.monotonic() + 120
     while not history.exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.5)
     assert history.exists(), process.communicate()[0][-3000:]
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
+    process.send_signal(signum)
+    return options, process.communicate(timeout=120)[0]
+
+
+def test_sigterm_during_fit_leaves_a_checkpoint_to_resume_from(tar_archive, tmp_path):
+    options, output = interrupted_fit(tar_archive, tmp_path, signal.SIGTERM)
     last = tmp_path / "runs" / "checkpoints" / "last.ckpt"
     assert last.is_file(), output[-3000:]
     resumed = run_caltech("fit", *options, "--trainer.max_epochs", "1000", "--trainer.max_steps", "0",
@@ -207,15 +211,6 @@ def test_download_gives_one_error_after_its_attempts(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_during_fit_saves_a_checkpoint(tar_archive, tmp_path):
-    options = [*small_run(tmp_path, str(tar_archive)), "--trainer.logger", "false", "--data.batch_size", "2"]
-    process = subprocess.Popen([str(Path(sys.executable).with_name("caltech")), "fit", *options,
-                                "--trainer.max_epochs", "1000"], cwd=tmp_path, env=dict(os.environ, WANDB_MODE="disabled"),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    history = tmp_path / "runs" / "history.csv"
-    deadline = time.monotonic() + 120
-    while not history.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    output = process.communicate(timeout=120)[0]
+    _, output = interrupted_fit(tar_archive, tmp_path, signal.SIGINT)
     assert "graceful shutdown" in output, output[-2000:]
     assert (tmp_path / "runs" / "checkpoints" / "last.ckpt").is_file(), output[-2000:]

@@ -10,10 +10,11 @@ import torch
 import torchvision
 
 from caltech_cli import backbones
-from caltech_cli.backbones import preprocessing_for, resolve_backbone, sha256_of
+from caltech_cli.backbones import preprocessing_for, resolve_backbone
 from caltech_cli.data import Caltech101DataModule
 from caltech_cli.errors import CaltechError
 from caltech_cli.model import TransferClassifier
+from caltech_cli.sources import file_digest
 
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 
@@ -38,7 +39,7 @@ def test_head_width_comes_from_the_backbone(name, width):
 def test_offline_package_provides_mobilenet_weights(empty_hub):
     packaged = backbones._offline_package_file(MOBILENET_FILE)
     assert packaged is not None and packaged.name == MOBILENET_FILE
-    assert sha256_of(packaged) == backbones.OFFLINE_PACKAGES[MOBILENET_FILE][2]
+    assert file_digest(packaged) == backbones.OFFLINE_PACKAGES[MOBILENET_FILE][2]
     model = TransferClassifier(backbone="mobilenet_v2", weights="IMAGENET1K_V1", num_classes=2)
     expected = torch.load(packaged, weights_only=True)
     assert torch.equal(model.backbone.features[0][0].weight, expected["features.0.0.weight"])
