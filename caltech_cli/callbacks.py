@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
@@ -23,13 +25,75 @@ TOP_K = 5
 HISTORY = "history.csv"
 
 
+def rng_states() -> dict[str, Any]:
+    """The random generators' states (torch, CUDA, NumPy, Python) in types a ``weights_only``
+    checkpoint load accepts."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": numpy_state,
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy_state = dict(states["numpy"], state=dict(states["numpy"]["state"]))
+    numpy_state["state"]["key"] = np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy_state)
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
 class BestAndLastCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that says where the best and the last checkpoint are when fit ends.
 
     Each run keeps its checkpoints in its own folder; ``<trainer.default_root_dir>/best.ckpt``
     is a link to the best one of the latest run, so ``caltech test --ckpt_path
     runs/transfer/best.ckpt`` works without looking up a run id.
+
+    Checkpoints also hold the random generators' states at the moment they are written (the end
+    of an epoch), and ``fit --ckpt_path`` puts them back, so a resumed run draws the same
+    shuffles, crops and dropout masks as a run that was never stopped, and ends with the same
+    weights (with ``--trainer.deterministic true`` where kernels are not deterministic).
+
+    Lightning 2.6 writes ``last.ckpt`` only in epochs that improve the best one (the pvnet
+    project ran into it too: openclimatefix/pvnet#544), which would make it a copy of the best
+    and a resume would repeat epochs; here it is written at the end of every epoch.
     """
+
+    _last_saved_at_step = -1
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_saved_at_step = trainer.global_step
+
+    def _save_last_each_epoch(self, trainer: pl.Trainer) -> None:
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fast_dev_run
+        if self.save_last and fitting and self._last_saved_at_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_each_epoch(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_each_epoch(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rng_states": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "rng_states" in state_dict:
+            set_rng_states(state_dict["rng_states"])
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -247,13 +311,21 @@ class WandbSaveConfig(SaveConfigCallback):
 
 class EpochHistory(Callback):
     """Keep ``<trainer.default_root_dir>/history.csv``: one row of train and val metrics per
-    epoch of the latest fit, rewritten as each epoch ends (``caltech compare`` reads it)."""
+    epoch of the latest fit, rewritten as each epoch ends (``caltech compare`` reads it). A
+    resumed fit keeps the rows of the epochs before its checkpoint."""
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a checkpoint is restored, when ``current_epoch`` is the epoch to resume at."""
         self._rows: list[dict[str, float]] = []
+        path = Path(trainer.default_root_dir) / HISTORY
+        if trainer.ckpt_path and path.is_file():
+            with open(path, newline="") as f:
+                rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+            self._rows = [{**row, "epoch": int(row["epoch"])} for row in rows if row["epoch"] < trainer.current_epoch]
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the epoch's validation too, so each row holds the same epoch's train and val metrics."""
+        if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         self._rows.append({"epoch": trainer.current_epoch, **metrics})

@@ -1,8 +1,8 @@
 """Data modules: one base that owns the whole way from a source to batches.
 
-archive or URL -> extracted image folder -> class folders -> stratified split -> per-split
-transforms -> DataLoaders. A subclass only says where its files come from (a default source,
-the folder to look for in archives, known checksums).
+archive or URL -> extracted image folder -> class folders -> stratified split (or the folder's
+own train/val/test) -> per-split transforms -> DataLoaders. A subclass only says where its files
+come from (a default source, the folder to look for in archives, known checksums).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -41,13 +41,25 @@ log = logging.getLogger(__name__)
 CALTECH101_URL = "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"
 
 
+def _subfolders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def default_num_workers() -> int:
     """One loader worker per core available to this process (at most 8)."""
     return min(len(os.sched_getaffinity(0)), 8)
 
 
+# Sub-folders that mark a data set as already split; "valid" and "validation" count as "val".
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+
+
 class ImageClassificationDataModule(LightningDataModule):
     """Images in one folder per class, from a URL, an archive or a folder.
+
+    The folder holds either one sub-folder per class, split here by class and seed, or
+    ``train/``, ``val/`` (or ``valid/``) and optionally ``test/``, each with one sub-folder per
+    class, used as they are.
 
     Args:
         source: Where the data comes from: an https or ``file://`` URL, a local archive
@@ -57,7 +69,7 @@ class ImageClassificationDataModule(LightningDataModule):
         data_dir: Where downloads and extracted files land.
         split: Relative sizes of the train, validation and test sets, e.g. ``[70, 10, 20]``.
             The split is stratified by class and fixed by ``seed``. Null means the data set's
-            usual proportions.
+            usual proportions. Unused when the folder is already split.
         seed: Seed of the split; the same seed gives the same split on every run and process.
         classes: Use only these class folders (all of them by default).
         batch_size: Images per batch.
@@ -83,7 +95,7 @@ class ImageClassificationDataModule(LightningDataModule):
         preprocessing: Image size and normalization; linked from the model's weights by the CLI.
     """
 
-    folder_name: ClassVar[str]
+    folder_name: ClassVar[str | None] = None  # the folder to find in archives; None: the archive's top folder
     default_source: ClassVar[str | None] = None
     default_split: ClassVar[tuple[float, float, float]] = (70, 10, 20)
     known_checksums: ClassVar[dict[str, str]] = {}  # URL -> 'algorithm:hex' 
@@ -144,11 +156,25 @@ class ImageClassificationDataModule(LightningDataModule):
 
     @property
     def root(self) -> Path:
-        """The folder that holds one subfolder per class."""
+        """The folder that holds one subfolder per class (or train/, val/ and test/)."""
         folder = self._source_folder
         if folder is not None:
-            return folder / self.folder_name if (folder / self.folder_name).is_dir() else folder
-        return self.data_dir / self.folder_name
+            if self.folder_name is not None and (folder / self.folder_name).is_dir():
+                return folder / self.folder_name
+            return folder
+        return self.data_dir / (self.folder_name or sources.archive_stem(self.source))
+
+    @property
+    def presplit(self) -> dict[str, Path] | None:
+        """The split folders when the data set comes split (train/ and val/ at least), else None."""
+        if not self.root.is_dir():
+            return None
+        found = {}
+        for split, names in SPLIT_FOLDERS.items():
+            folder = next((self.root / n for n in names if (self.root / n).is_dir()), None)
+            if folder is not None:
+                found[split] = folder
+        return found if "train" in found and "val" in found else None
 
     def _source_id(self) -> str:
         return self.source if sources.is_url(self.source) else str(Path(self.source).resolve())
@@ -184,14 +210,14 @@ class ImageClassificationDataModule(LightningDataModule):
                         f"data.source {self.source} does not exist. Fix: pass --data.source with the path of the "
                         f"archive or of the extracted folder, or an https URL to download it from."
                     )
-            sources.extract(archive, self.root, self._source_id(), self.extract_limits)
+            sources.extract(archive, self.root, self._source_id(), self.extract_limits, self.folder_name)
             log.info("Extracted %s to %s", archive, self.root)
 
     # -- classes and splits --------------------------------------------------------------------
 
     @property
     def class_names(self) -> list[str] | None:
-        """Sorted class-folder names; their positions are the labels.
+        """Sorted class-folder names (of ``train/`` in a split data set); their positions are the labels.
 
         The CLI links them into the model when it is built, before any trainer hook runs, so the
         first access fetches the data. With ``predict_dir`` set and no data on disk it is None
@@ -202,7 +228,15 @@ class ImageClassificationDataModule(LightningDataModule):
                 if self.predict_dir is not None:
                     return None
                 self.prepare_data()
-            found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            presplit = self.presplit
+            found = _subfolders(presplit["train"] if presplit else self.root)
+            for split, folder in (presplit or {}).items():
+                strays = sorted(set(_subfolders(folder)) - set(found))
+                if strays:
+                    raise CaltechError(
+                        f"{folder} has classes that {presplit['train']} lacks: {', '.join(strays)}. "
+                        "Fix: add training images of them, or remove those folders."
+                    )
             if self.classes is not None:
                 missing = sorted(set(self.classes) - set(found))
                 if missing:
@@ -220,8 +254,8 @@ class ImageClassificationDataModule(LightningDataModule):
         names = self.class_names
         return None if names is None else len(names)
 
-    def _scan(self) -> tuple[list[Path], list[int]]:
-        """Every usable image under the class folders, judged by content, not by extension.
+    def _scan(self, root: Path) -> tuple[list[Path], list[int]]:
+        """Every usable image under ``root``'s class folders, judged by content, not by extension.
 
         Files that are not images and do not claim to be (a README) are ignored. Files named as
         images that cannot be used (empty, truncated, corrupt, too large) are listed with the
@@ -230,7 +264,7 @@ class ImageClassificationDataModule(LightningDataModule):
         names = self.class_names or []
         files, labels, ignored, bad = [], [], [], []
         for label, name in enumerate(names):
-            for path in sorted(p for p in (self.root / name).rglob("*") if p.is_file()):
+            for path in sorted(p for p in (root / name).rglob("*") if p.is_file()):
                 problem = image_problem(path)
                 if problem is None:
                     files.append(path)
@@ -240,39 +274,47 @@ class ImageClassificationDataModule(LightningDataModule):
                 else:
                     bad.append(f"{path}: {problem}")
         if ignored:
-            shown = ", ".join(str(p.relative_to(self.root)) for p in ignored[:10])
+            shown = ", ".join(str(p.relative_to(root)) for p in ignored[:10])
             log.info("Ignoring %d files that are not images: %s", len(ignored), shown)
         if bad:
             listing = "\n  ".join(bad)
             if not self.skip_bad_images:
                 raise CaltechError(
-                    f"{len(bad)} image files under {self.root} cannot be used:\n  {listing}\n"
+                    f"{len(bad)} image files under {root} cannot be used:\n  {listing}\n"
                     "Fix: remove or replace them, or pass --data.skip_bad_images true to train without them."
                 )
             log.warning("Skipping %d image files that cannot be used:\n  %s", len(bad), listing)
         if not files:
-            raise CaltechError(f"no images found under {self.root}.")
+            raise CaltechError(f"no images found under {root}.")
         return files, labels
+
+    def _split_files(self) -> list[tuple[list[Path], list[int]]]:
+        """(files, labels) of train, val and test: the folder's own split, or a stratified one."""
+        presplit = self.presplit
+        if presplit is not None:
+            log.info("Using the split of %s (train/val/test folders); data.split is not used", self.root)
+            return [self._scan(presplit[name]) if name in presplit else ([], []) for name in SPLIT_FOLDERS]
+        files, labels = self._scan(self.root)
+        parts = stratified_split(labels, self.split, self.seed)
+        empty = [name for name, part in zip(SPLIT_FOLDERS, parts) if not part]
+        if empty:
+            raise CaltechError(
+                f"data.split {list(self.split)} leaves no images for {', '.join(empty)} out of {len(files)}. "
+                "Fix: give every set a larger share."
+            )
+        return [([files[i] for i in part], [labels[i] for i in part]) for part in parts]
 
     def _make_splits(self) -> list[LabelledImages]:
         if self._splits is None:
-            files, labels = self._scan()
-            parts = stratified_split(labels, self.split, self.seed)
-            empty = [name for name, part in zip(("train", "val", "test"), parts) if not part]
-            if empty:
-                raise CaltechError(
-                    f"data.split {list(self.split)} leaves no images for {', '.join(empty)} out of {len(files)}. "
-                    "Fix: give every set a larger share."
-                )
             pre = self.preprocessing
             transforms = [train_transform(pre, self.crop_scale), eval_transform(pre), eval_transform(pre)]
             self._splits = [
-                LabelledImages([files[i] for i in part], [labels[i] for i in part], transform, pre.resize_size)
-                for part, transform in zip(parts, transforms)
+                LabelledImages(files, labels, transform, pre.resize_size)
+                for (files, labels), transform in zip(self._split_files(), transforms)
             ]
             log.info(
                 "%d images in %d classes: %s train, %s val, %s test",
-                len(files),
+                sum(len(s) for s in self._splits),
                 len(self.class_names or []),
                 *(len(s) for s in self._splits),
             )
@@ -288,7 +330,10 @@ class ImageClassificationDataModule(LightningDataModule):
 
     @property
     def test_set(self) -> LabelledImages:
-        return self._make_splits()[2]
+        test = self._make_splits()[2]
+        if not test:
+            raise CaltechError(f"{self.root} has no test/ folder with images. Fix: add one, with a sub-folder per class.")
+        return test
 
     def setup(self, stage: str) -> None:
         if stage == "predict":
@@ -342,14 +387,21 @@ class ImageClassificationDataModule(LightningDataModule):
     # -- loaders -------------------------------------------------------------------------------
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
-        """Images load in worker processes; cached features are in memory and need none."""
+        """Images load in worker processes; cached features are in memory and need none.
+
+        Training draws its shuffle and its workers' seeds from the global generator, whose state
+        checkpoints keep, and starts fresh workers each epoch (persistent ones would carry their
+        own generator state past a checkpoint), so a resumed fit draws what an unbroken one
+        would. Evaluation draws from a generator of its own, leaving the global one alone.
+        """
         workers = 0 if isinstance(dataset, CachedFeatures) else self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=workers,
-            persistent_workers=workers > 0,
+            persistent_workers=workers > 0 and not shuffle,
+            generator=None if shuffle else torch.Generator().manual_seed(self.seed),
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -379,3 +431,20 @@ class Caltech101DataModule(ImageClassificationDataModule):
     default_source = CALTECH101_URL
     default_split = (6500, 1000, 1645)
     known_checksums = {CALTECH101_URL: "md5:3138e1922a9193bfa496528edbbc45d0"}
+
+
+class ImageFolderDataModule(ImageClassificationDataModule):
+    """Your own images: a folder (or an archive, or a URL of one) with one sub-folder per class,
+    or with ``train/``, ``val/`` and ``test/`` each holding one sub-folder per class.
+
+    Everything else works as for Caltech-101: transforms from the weights, class names saved in
+    checkpoints, the feature cache, reports and ``predict``.
+
+    Args:
+        root: The folder, archive or URL. An archive may wrap the folder in one top folder.
+        kwargs: The options of :class:`ImageClassificationDataModule` (``caltech fit --data.help
+            ImageFolderDataModule`` lists them), except ``source``, which ``root`` replaces.
+    """
+
+    def __init__(self, root: str, **kwargs: Any) -> None:
+        super().__init__(source=root, **kwargs)

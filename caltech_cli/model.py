@@ -26,7 +26,8 @@ class TransferClassifier(LightningModule):
         weights: A torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``), a path to a
             state-dict file, or null for random weights (training from scratch).
         freeze_backbone: Train only the head; the backbone's parameters stay fixed and it stays
-            in eval mode, so its BatchNorm statistics do not move either.
+            in eval mode, so its BatchNorm statistics do not move either. With false the whole
+            network trains (or, with the ``BackboneUnfreeze`` callback, the backbone joins later).
         num_classes: Number of classes; linked from the data module by the CLI.
         class_names: Class names in label order; linked from the data module by the CLI and
             saved in checkpoints, so ``test`` and ``predict`` need no training data to name them.
@@ -54,6 +55,8 @@ class TransferClassifier(LightningModule):
         self.num_features = resolved.num_features
         self.preprocessing = resolved.preprocessing
         self.freeze_backbone = freeze_backbone
+        # Whether unfrozen BatchNorm layers use batch statistics; the fine-tuning callback sets it.
+        self.train_bn = True
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -89,16 +92,26 @@ class TransferClassifier(LightningModule):
         )
 
     def train(self, mode: bool = True) -> TransferClassifier:
-        """Switch modes, but keep a frozen backbone in eval mode (BatchNorm statistics stay fixed)."""
+        """Switch modes, but keep frozen parts of the backbone in eval mode (their BatchNorm
+        statistics stay fixed and dropout stays off), and all its BatchNorm layers unless
+        ``train_bn``."""
         super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()
+        if mode:
+            for module in self.backbone.modules():
+                params = list(module.parameters())
+                frozen = bool(params) and not any(p.requires_grad for p in params)
+                if frozen or (isinstance(module, nn.modules.batchnorm._BatchNorm) and not self.train_bn):
+                    module.eval()
         return self
 
+    @property
+    def backbone_trains(self) -> bool:
+        return any(p.requires_grad for p in self.backbone.parameters())
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The backbone's pooled features of an image batch (without gradients when frozen)."""
+        """The backbone's pooled features of an image batch (without gradients while frozen)."""
         images = images.contiguous(memory_format=self.memory_format)
-        if self.freeze_backbone:
+        if not self.backbone_trains:
             with torch.no_grad():
                 return self.backbone(images)
         return self.backbone(images)

@@ -120,6 +120,18 @@ def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0
     return target
 
 
+ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tgz", ".tbz2", ".txz", ".tar", ".zip", ".rar", ".7z")
+
+
+def archive_stem(source: str) -> str:
+    """The name of an archive (path or URL) without its archive suffix: ``photos.tar.gz`` -> ``photos``."""
+    name = PurePosixPath(urlparse(source).path if is_url(source) else source).name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or "dataset"
+    return Path(name).stem or "dataset"
+
+
 def _marker(folder: Path) -> Path:
     return folder.parent / f".{folder.name}.complete"
 
@@ -147,6 +159,15 @@ def _is_archive(path: Path) -> bool:
 def _find_folder(root: Path, name: str) -> Path | None:
     matches = sorted((p for p in root.rglob(name) if p.is_dir()), key=lambda p: len(p.parts))
     return matches[0] if matches else None
+
+
+def _top_folder(root: Path) -> Path:
+    """The folder an archive holds: past wrapper folders that hold one folder and nothing else."""
+    while True:
+        entries = [p for p in root.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"]
+        if len(entries) != 1 or not entries[0].is_dir():
+            return root
+        root = entries[0]
 
 
 @dataclass(frozen=True)
@@ -260,24 +281,28 @@ def _unpack(archive: Path, into: Path, limits: Limits) -> None:
     check_tree(archive, into, limits)
 
 
-def extract(archive: Path, folder: Path, source: str, limits: Limits) -> Path:
-    """Extract ``archive`` and move the folder named ``folder.name`` found in it to ``folder``.
+def extract(archive: Path, folder: Path, source: str, limits: Limits, inner: str | None = None) -> Path:
+    """Extract ``archive`` and move the folder named ``inner`` found in it to ``folder``; without
+    ``inner``, the archive's own top folder.
 
-    Archives inside the archive (the official Caltech-101 zip holds a .tar.gz) are opened too,
-    those whose name mentions the wanted folder first.
+    Archives inside the archive (the official Caltech-101 zip holds a .tar.gz) are opened too when
+    ``inner`` is not found, those whose name mentions it first.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".extracting-", dir=folder.parent))
     try:
         log.info("Extracting %s", archive)
         _unpack(archive, scratch / "0", limits)
-        found = _find_folder(scratch, folder.name)
+        if inner is None:
+            os.replace(_top_folder(scratch / "0"), scratch / "top")
+            return _finish(scratch / "top", folder, source)
+        found = _find_folder(scratch, inner)
         for depth in range(1, MAX_NESTING + 1):
             if found is not None:
                 break
             nested = sorted(
                 (p for p in scratch.rglob("*") if p.is_file() and _is_archive(p)),
-                key=lambda p: folder.name not in p.name,
+                key=lambda p: inner not in p.name,
             )
             if not nested:
                 break
@@ -285,18 +310,23 @@ def extract(archive: Path, folder: Path, source: str, limits: Limits) -> Path:
                 log.info("Extracting %s (inside %s)", inner.name, archive.name)
                 _unpack(inner, scratch / f"{depth}.{number}", limits)
                 inner.unlink()
-                found = _find_folder(scratch, folder.name)
+                found = _find_folder(scratch, inner)
                 if found is not None:
                     break
         if found is None:
             raise CaltechError(
-                f"{archive} holds no folder named {folder.name}. Fix: pass the Caltech-101 archive "
-                f"(101_ObjectCategories.tar.gz or caltech-101.zip) or a folder that holds {folder.name}."
+                f"{archive} holds no folder named {inner}. Fix: pass the data set's archive "
+                f"or a folder that holds {inner}."
             )
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(found, folder)
-        _marker(folder).write_text(json.dumps({"source": source}))
-        return folder
+        return _finish(found, folder, source)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _finish(found: Path, folder: Path, source: str) -> Path:
+    """Put the extracted ``found`` at ``folder`` and mark it complete, naming its source."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(found, folder)
+    _marker(folder).write_text(json.dumps({"source": source}))
+    return folder
