@@ -11,7 +11,7 @@ from pathlib import Path
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from torch.optim import Optimizer
 
-from caltech_cli import compare
+from caltech_cli import compare, export
 from caltech_cli.backbones import load_safely, preprocessing_for
 from caltech_cli.callbacks import (
     BestAndLastCheckpoint,
@@ -90,6 +90,13 @@ EXPECTED_WARNINGS = (
 )
 
 
+DESCRIPTION = (
+    "Transfer learning on images: fit, validate, test and predict with a torchvision backbone. "
+    "Two more commands: `caltech compare RUN_DIR...` (curves and test metrics side by side) and "
+    "`caltech export --ckpt_path CKPT --format onnx|torchscript`; each takes --help."
+)
+
+
 def make_cli(args: ArgsType = None, run: bool = True) -> CaltechCLI:
     """Build (and with ``run``, run) the CLI; without ``run`` the arguments take no subcommand."""
     return CaltechCLI(
@@ -98,21 +105,25 @@ def make_cli(args: ArgsType = None, run: bool = True) -> CaltechCLI:
         subclass_mode_data=True,
         save_config_callback=WandbSaveConfig,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION},
         args=args,
         run=run,
     )
 
 
+# Commands that are not Trainer methods, with their own small parsers.
+OTHER_COMMANDS = {"compare": compare.main, "export": export.main}
+
+
 def main(args: list[str] | None = None) -> None:
-    """Run ``caltech`` (``caltech compare`` is the one command that is not a Trainer method);
-    a problem the user can fix ends in one line and exit status 2."""
+    """Run ``caltech``; a problem the user can fix ends in one line and exit status 2."""
     _show_our_messages()
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     argv = sys.argv[1:] if args is None else args
     try:
-        if argv and argv[0] == "compare":
-            compare.main(list(argv[1:]))
+        if argv and argv[0] in OTHER_COMMANDS:
+            OTHER_COMMANDS[argv[0]](list(argv[1:]))
         else:
             make_cli(args)
     except CaltechError as error:

@@ -12,8 +12,8 @@ groups in the checkpoint and puts them back on ``fit --ckpt_path``):
   times the rate of the block after it (discriminative rates: early layers hold generic features
   that need the least change). With ``blocks_per_epoch`` they join that many per epoch, from the
   last block backwards (gradual unfreezing); otherwise all at once.
-- A joining group takes the head group's rates times its ratio (``lr``, ``initial_lr``, a
-  scheduler's ``max_lr``...), and the LR scheduler is told of it, so it follows the same
+- A joining group takes the head group's settings and its rates times its ratio (``lr``,
+  ``initial_lr``, a scheduler's ``max_lr``...), and the LR scheduler is told of it, so it follows the same
   schedule at its own scale instead of keeping a fixed rate.
 
 BatchNorm, chosen on purpose: while a block is frozen its BatchNorm layers are in eval mode (the
@@ -166,14 +166,14 @@ class BackboneUnfreeze(BaseFinetuning):
 
 
 def add_param_group(trainer: pl.Trainer, optimizer: Optimizer, params: list[nn.Parameter], ratio: float) -> None:
-    """Add ``params`` to ``optimizer`` at ``ratio`` times the first group's rates, and extend the
-    optimizer's LR schedulers to the new group so they schedule it at that scale."""
-    head = optimizer.param_groups[0]
-    group: dict[str, Any] = {"params": params}
-    for key, value in head.items():
-        if key.endswith("lr") and isinstance(value, float):
-            group[key] = value * ratio
-    optimizer.add_param_group(group)
+    """Add ``params`` to ``optimizer`` with the first group's settings (momentum, weight decay, a
+    scheduler's own keys) and ``ratio`` times its rates, and extend the optimizer's LR schedulers
+    to the new group so they schedule it at that scale."""
+    group: dict[str, Any] = {
+        key: value * ratio if key.endswith("lr") and isinstance(value, float) else value
+        for key, value in optimizer.param_groups[0].items()
+    }
+    optimizer.add_param_group({**group, "params": params})
     schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
     while schedulers:
         scheduler = schedulers.pop()

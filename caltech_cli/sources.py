@@ -306,10 +306,10 @@ def extract(archive: Path, folder: Path, source: str, limits: Limits, inner: str
             )
             if not nested:
                 break
-            for number, inner in enumerate(nested):
-                log.info("Extracting %s (inside %s)", inner.name, archive.name)
-                _unpack(inner, scratch / f"{depth}.{number}", limits)
-                inner.unlink()
+            for number, packed in enumerate(nested):
+                log.info("Extracting %s (inside %s)", packed.name, archive.name)
+                _unpack(packed, scratch / f"{depth}.{number}", limits)
+                packed.unlink()
                 found = _find_folder(scratch, inner)
                 if found is not None:
                     break

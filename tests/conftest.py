@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -96,6 +97,12 @@ def run_caltech(*args: str, cwd: Path, timeout: int = 300) -> subprocess.Complet
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     command = [str(Path(sys.executable).with_name("caltech")), *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def printed_metrics(output: str, stage: str = "test") -> dict[str, float]:
+    """The metrics table that ``caltech test`` or ``validate`` prints, as numbers."""
+    pattern = rf"^\s*({stage}/\w+)\s+([0-9.e-]+)\s*$"
+    return {k: float(v) for k, v in re.findall(pattern, output, re.MULTILINE)}
 
 
 def small_run(root: Path, source: str, config: str = TRANSFER) -> list[str]:

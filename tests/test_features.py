@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import re
 
 import pytest
 import pytorch_lightning as pl
@@ -134,15 +136,29 @@ def test_resume_with_the_cache(image_folder, tmp_path, passes):
     assert passes == [19, 10], "the resumed fit reuses the features of the first"
 
 
-def test_ddp_on_cpu_shares_one_cache(tar_archive, tmp_path):
-    """Two processes (gloo): one computes each split's features, the other waits and reuses them."""
-    from conftest import run_caltech, small_run
+def test_ddp_on_cpu_end_to_end(tar_archive, tmp_path):
+    """Two processes (gloo): the archive is extracted once, both train on the same split, one
+    computes each split's features and the other reuses them, and the logged validation metrics
+    are those of the whole validation set (what one process gets from the same checkpoint)."""
+    from conftest import printed_metrics, run_caltech, small_run
 
-    result = run_caltech("fit", *small_run(tmp_path, str(tar_archive)), "--trainer.logger", "false",
-                         "--trainer.max_epochs", "2", "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                         "--trainer.accelerator", "cpu", cwd=tmp_path)
+    options = [*small_run(tmp_path, str(tar_archive)), "--trainer.logger", "false"]
+    result = run_caltech("fit", *options, "--trainer.max_epochs", "2", "--trainer.strategy", "ddp",
+                         "--trainer.devices", "2", "--trainer.accelerator", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Extracted ") == 1
+    splits = re.findall(r"\(split ([0-9a-f]{12})\)", result.stderr)
+    assert len(splits) == 2 and splits[0] == splits[1], "each process logs its split; they are the same"
     assert result.stderr.count("Cached train features") == 1
     assert result.stderr.count("Reusing cached train features") == 1
     assert len(list((tmp_path / "data" / "feature-cache").glob("*.pt"))) == 2
     assert (tmp_path / "runs" / "best.ckpt").resolve().is_file()
+
+    with open(tmp_path / "runs" / "history.csv", newline="") as f:
+        logged = list(csv.DictReader(f))[-1]
+    alone = run_caltech("validate", *options, "--ckpt_path", str(tmp_path / "runs" / "checkpoints" / "last.ckpt"),
+                        cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    printed = printed_metrics(alone.stdout, "val")
+    for name in ("val/acc", "val/loss"):
+        assert printed[name] == pytest.approx(float(logged[name]), rel=1e-5), name

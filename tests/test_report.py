@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 
 import numpy as np
-from conftest import CLASSES, SCRATCH, draw, run_caltech, small_run
+from conftest import CLASSES, SCRATCH, draw, printed_metrics, run_caltech, small_run
 from PIL import Image
 
 REPORT_FILES = {"metrics.json", "per_class.csv", "confusion_matrix.png", "pr_curves.png", "predictions.png"}
-
-
-def printed_metrics(output: str) -> dict[str, float]:
-    return {k: float(v) for k, v in re.findall(r"^\s*(test/\w+)\s+([0-9.]+)\s*$", output, re.MULTILINE)}
 
 
 def test_test_writes_a_report(trained_run):

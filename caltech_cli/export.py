@@ -1,0 +1,169 @@
+"""``caltech export``: a trained checkpoint as one ONNX or TorchScript file for serving.
+
+The exported model takes a batch of RGB images as float32 in [0, 1], shape (N, 3, S, S), already
+resized and centre-cropped to S, and returns class probabilities (N, classes). Normalisation is
+inside it. The class names and the preprocessing (resize, crop, mean, std, interpolation) are
+stored inside the file (ONNX metadata, a TorchScript extra file ``caltech.json``) and in a
+``.json`` file beside it, so a server needs nothing else from this project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from caltech_cli.backbones import Preprocessing, load_safely, preprocessing_for
+from caltech_cli.errors import CaltechError
+from caltech_cli.model import TransferClassifier
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+METADATA_FILE = "caltech.json"  # the TorchScript extra file
+
+
+class Probabilities(nn.Module):
+    """Normalisation, backbone, head and softmax: images in [0, 1] to class probabilities."""
+
+    def __init__(self, model: TransferClassifier, preprocessing: Preprocessing) -> None:
+        super().__init__()
+        self.backbone = model.backbone
+        self.head = model.head
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone((images - self.mean) / self.std)).softmax(dim=1)
+
+
+def load_for_export(ckpt_path: Path) -> tuple[TransferClassifier, Preprocessing]:
+    """The checkpoint's model in eval mode on the CPU, and the preprocessing it was trained with.
+
+    The backbone is built without its pretrained weights (the checkpoint holds all of them), so
+    exporting needs no download.
+    """
+    checkpoint = load_safely(ckpt_path, "checkpoint")
+    saved = checkpoint.get("hyper_parameters", {})
+    if "state_dict" not in checkpoint or not saved.get("class_names"):
+        raise CaltechError(
+            f"{ckpt_path} is not a checkpoint of a caltech model (no weights or no class names). "
+            "Fix: pass a .ckpt written by `caltech fit` (runs/<config>/best.ckpt)."
+        )
+    model = TransferClassifier(
+        backbone=saved["backbone"],
+        weights=None,
+        freeze_backbone=False,
+        class_names=saved["class_names"],
+        image_size=saved.get("image_size"),
+        channels_last=False,
+    )
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model, preprocessing_for(saved["backbone"], saved.get("weights"), saved.get("image_size"))
+
+
+def metadata(model: TransferClassifier, preprocessing: Preprocessing, ckpt_path: Path) -> dict[str, Any]:
+    size = preprocessing.crop_size
+    return {
+        "class_names": model.class_names,
+        "preprocessing": asdict(preprocessing),
+        "input": f"images: float32 RGB in [0, 1], shape (N, 3, {size}, {size}): resize the shorter side to "
+                 f"{preprocessing.resize_size} ({preprocessing.interpolation}), centre-crop {size}; normalisation "
+                 "is inside the model",
+        "output": f"probabilities: float32, shape (N, {len(model.class_names or [])}), columns in class_names order",
+        "backbone": model.hparams["backbone"],
+        "checkpoint": str(ckpt_path),
+    }
+
+
+def _require(*modules: str) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CaltechError(
+            f"ONNX export needs the Python packages {', '.join(missing)}. Fix: pip install 'caltech-cli[export]' "
+            "(or pip install onnx onnxscript onnxruntime)."
+        )
+
+
+def _export_onnx(network: nn.Module, example: torch.Tensor, output: Path, info: dict[str, Any]) -> None:
+    _require("onnx", "onnxscript")
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        network, (example,), input_names=["images"], output_names=["probabilities"],
+        dynamic_shapes={"images": {0: batch}}, dynamo=True, verbose=False,
+    )
+    program.optimize()
+    program.save(str(output))
+    proto = onnx.load(str(output))
+    for key, value in info.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(proto, str(output))
+
+
+def _export_torchscript(network: nn.Module, example: torch.Tensor, output: Path, info: dict[str, Any]) -> None:
+    with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export, but asked for
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(network, example)
+        torch.jit.save(traced, str(output), _extra_files={METADATA_FILE: json.dumps(info)})
+
+
+def run_exported(path: Path, images: torch.Tensor) -> torch.Tensor:
+    """Probabilities from an exported file (onnxruntime for ONNX), to check it against PyTorch."""
+    if path.suffix == ".onnx":
+        _require("onnxruntime")
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(["probabilities"], {"images": images.numpy()})[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path))(images)
+
+
+def export(ckpt_path: Path, format: str = "onnx", output: Path | None = None) -> tuple[Path, float]:
+    """Write the exported model and its ``.json``; returns the path and the largest difference
+    from PyTorch's probabilities on a few random images."""
+    if format not in FORMATS:
+        raise CaltechError(f"unknown export format {format!r}. Fix: pass --format onnx or --format torchscript.")
+    model, preprocessing = load_for_export(ckpt_path)
+    network = Probabilities(model, preprocessing).eval()
+    size = preprocessing.crop_size
+    torch.manual_seed(0)
+    example = torch.rand(2, 3, size, size)
+    output = output or ckpt_path.with_suffix(FORMATS[format])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    info = metadata(model, preprocessing, ckpt_path)
+    with torch.no_grad():
+        (_export_onnx if format == "onnx" else _export_torchscript)(network, example, output, info)
+        images = torch.rand(3, 3, size, size)
+        expected = network(images)
+    output.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    difference = (run_exported(output, images) - expected).abs().max().item() if importable(output) else float("nan")
+    return output, difference
+
+
+def importable(output: Path) -> bool:
+    return output.suffix != ".onnx" or importlib.util.find_spec("onnxruntime") is not None
+
+
+def main(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="caltech export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt_path", type=Path, required=True, help="a checkpoint written by `caltech fit`")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="onnx", help="onnx (default) or torchscript")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="the file to write (default: the checkpoint's path with .onnx or .pt)")
+    options = parser.parse_args(args)
+    path, difference = export(options.ckpt_path, options.format, options.output)
+    check = (f"largest difference from PyTorch's probabilities on 3 random images: {difference:.2e}"
+             if difference == difference else "not checked against PyTorch (onnxruntime is not installed)")
+    print(f"Wrote {path} and {path.with_suffix('.json')}\n{check}")

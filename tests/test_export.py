@@ -1,0 +1,79 @@
+"""``caltech export``: ONNX and TorchScript files that give PyTorch's probabilities, with the
+class names and the preprocessing inside and beside them."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import onnxruntime
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from caltech_cli.backbones import Preprocessing
+from caltech_cli.images import eval_transform, load_rgb
+from caltech_cli.model import TransferClassifier
+from conftest import CLASSES, run_caltech
+
+
+def resized(paths, pre: Preprocessing) -> torch.Tensor:
+    """Images as the exported model takes them: resized, centre-cropped, in [0, 1], not normalised."""
+    steps = v2.Compose([
+        v2.Resize(pre.resize_size, interpolation=pre.interpolation_mode), v2.CenterCrop(pre.crop_size),
+        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+    ])
+    return torch.stack([steps(load_rgb(p)) for p in paths])
+
+
+@pytest.fixture(scope="module")
+def pytorch_reference(trained_run):
+    """The checkpoint's probabilities on 6 real images through the training code's own transform."""
+    model = TransferClassifier.load_from_checkpoint(trained_run.best, map_location="cpu", weights_only=True).eval()
+    pre = model.preprocessing
+    paths = sorted((trained_run.root / "data" / "101_ObjectCategories").rglob("image_000[1-2].jpg"))
+    with torch.no_grad():
+        expected = model(torch.stack([eval_transform(pre)(load_rgb(p)) for p in paths])).softmax(dim=1)
+    return paths, pre, expected
+
+
+def test_onnx_matches_pytorch_and_carries_classes_and_preprocessing(trained_run, pytorch_reference, tmp_path):
+    paths, pre, expected = pytorch_reference
+    output = tmp_path / "served" / "caltech.onnx"
+    result = run_caltech("export", "--ckpt_path", str(trained_run.best), "--output", str(output), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "largest difference from PyTorch" in result.stdout
+
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    inputs = resized(paths, pre).numpy()
+    assert inputs.shape[0] == 6, "a batch size other than the one exported with"
+    probabilities = torch.from_numpy(session.run(None, {"images": inputs})[0])
+    torch.testing.assert_close(probabilities, expected, atol=1e-5, rtol=1e-4)
+    assert probabilities.sum(dim=1).sub(1).abs().max() < 1e-5
+
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(output)).metadata_props}
+    beside = json.loads(output.with_suffix(".json").read_text())
+    for info in (meta, beside):
+        assert info["class_names"] == sorted(CLASSES)
+        assert info["preprocessing"]["crop_size"] == 64 and info["preprocessing"]["mean"] == list(pre.mean)
+        assert info["preprocessing"]["resize_size"] == pre.resize_size
+
+
+def test_torchscript_matches_pytorch(trained_run, pytorch_reference, tmp_path):
+    paths, pre, expected = pytorch_reference
+    output = tmp_path / "model.pt"
+    result = run_caltech("export", "--ckpt_path", str(trained_run.best), "--format", "torchscript",
+                         "--output", str(output), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    extra = {"caltech.json": ""}
+    scripted = torch.jit.load(str(output), _extra_files=extra)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(resized(paths, pre)), expected, atol=1e-5, rtol=1e-4)
+    assert json.loads(extra["caltech.json"])["class_names"] == sorted(CLASSES)
+
+
+def test_export_of_something_else_says_so(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.ckpt")
+    result = run_caltech("export", "--ckpt_path", str(tmp_path / "other.ckpt"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "is not a checkpoint of a caltech model" in result.stderr

@@ -1,0 +1,156 @@
+"""Fine-tuning schedule, and resuming a fit to exactly where an unbroken one would be."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from caltech_cli.backbones import resolve_backbone
+from caltech_cli.finetuning import BackboneUnfreeze, add_param_group, backbone_blocks
+from caltech_cli.model import TransferClassifier
+from conftest import REPO, run_caltech, small_run
+
+FINETUNE = str(REPO / "configs" / "finetune.yaml")
+
+
+@pytest.mark.parametrize(
+    ("network", "count"),
+    [("mobilenet_v2", 19), ("resnet18", 10)],  # 19 stages; conv1, bn1, 8 basic blocks
+)
+def test_blocks_cover_every_parameter_once(network, count):
+    module = resolve_backbone(network, None).module
+    blocks = backbone_blocks(module)
+    assert len(blocks) == count
+    flat = [id(p) for block in blocks for p in block]
+    assert sorted(flat) == sorted(id(p) for p in module.parameters())
+    assert blocks[0][0] is next(module.parameters()), "input side first"
+
+
+def trainer_stub(optimizer: torch.optim.Optimizer, epoch: int, *schedulers) -> SimpleNamespace:
+    return SimpleNamespace(
+        optimizers=[optimizer], current_epoch=epoch, is_global_zero=True,
+        lr_scheduler_configs=[SimpleNamespace(scheduler=s) for s in schedulers],
+    )
+
+
+def frozen_model(callback: BackboneUnfreeze) -> tuple[TransferClassifier, torch.optim.Optimizer]:
+    model = TransferClassifier(weights=None, freeze_backbone=False, class_names=["a", "b"], image_size=32)
+    callback.freeze_before_training(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    callback.on_fit_start(trainer_stub(optimizer, 0), model)
+    model.train()
+    return model, optimizer
+
+
+def test_backbone_is_frozen_then_joins_at_discriminative_rates():
+    callback = BackboneUnfreeze(unfreeze_at_epoch=2, backbone_lr_ratio=0.1, layer_decay=0.5)
+    model, optimizer = frozen_model(callback)
+    assert [len(g["params"]) for g in optimizer.param_groups] == [2], "only the head is optimized at first"
+    assert not model.backbone.training and not model.backbone_trains
+
+    callback.on_train_epoch_start(trainer_stub(optimizer, 1), model)
+    assert len(optimizer.param_groups) == 1
+
+    callback.on_train_epoch_start(trainer_stub(optimizer, 2), model)
+    assert len(optimizer.param_groups) == 1 + 19
+    rates = [g["lr"] for g in optimizer.param_groups]
+    assert rates[1] == pytest.approx(1e-4), "the last block at a tenth of the head's rate"
+    assert rates[2] == pytest.approx(0.5e-4) and rates[-1] == pytest.approx(1e-4 * 0.5**18)
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    assert model.backbone.training
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms), "BatchNorm keeps ImageNet statistics"
+
+
+def test_gradual_unfreezing_and_train_bn():
+    callback = BackboneUnfreeze(unfreeze_at_epoch=1, blocks_per_epoch=4, train_bn=True)
+    model, optimizer = frozen_model(callback)
+    callback.on_train_epoch_start(trainer_stub(optimizer, 1), model)
+    blocks = callback.blocks
+    assert len(optimizer.param_groups) == 1 + 4
+    assert all(p.requires_grad for block in blocks[-4:] for p in block)
+    assert not any(p.requires_grad for block in blocks[:-4] for p in block)
+    assert model.backbone.features[-1].training and not model.backbone.features[0].training, \
+        "frozen blocks stay in eval mode"
+    callback.on_train_epoch_start(trainer_stub(optimizer, 2), model)
+    assert len(optimizer.param_groups) == 1 + 8
+    assert isinstance(model.backbone.features[-1][1], nn.BatchNorm2d) and model.backbone.features[-1][1].training
+
+
+@pytest.mark.parametrize("make", [
+    lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10),
+    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10),
+    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.9**epoch),
+])
+def test_joining_group_follows_the_schedule_at_its_scale(make):
+    head, late = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([head], lr=1e-2)
+    scheduler = make(optimizer)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    add_param_group(trainer_stub(optimizer, 3, scheduler), optimizer, [late], 0.25)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+        head_lr, late_lr = (g["lr"] for g in optimizer.param_groups)
+        assert late_lr == pytest.approx(0.25 * head_lr)
+
+
+def test_finetune_refuses_a_frozen_model(image_folder, tmp_path):
+    result = run_caltech("fit", *small_run(tmp_path, str(image_folder), FINETUNE), "--model.freeze_backbone", "true",
+                         "--trainer.logger", "false", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Fix: pass --model.freeze_backbone false" in result.stderr.strip().splitlines()[-1]
+
+
+def finetune(tmp_path: Path, source: str, name: str, *options: str):
+    """The fine-tuning config on the generated images, with the backbone joining 8 blocks per
+    epoch from epoch 1, a worker process drawing the augmentations, and deterministic kernels."""
+    root = tmp_path / name
+    result = run_caltech(
+        "fit", *small_run(root, source, FINETUNE), "--trainer.logger", "false", "--data.num_workers", "1",
+        "--trainer.callbacks.unfreeze_at_epoch", "1", "--trainer.callbacks.blocks_per_epoch", "8",
+        "--trainer.deterministic", "true", *options, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs"
+
+
+def history(runs: Path) -> list[dict[str, str]]:
+    with open(runs / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resumed_fit_ends_where_an_unbroken_one_does(image_folder, tmp_path):
+    """Stop after 2 of 4 epochs, resume from last.ckpt: same weights, optimizer and metrics as a
+    fit that ran 4 epochs at once, across the unfreezing (parameter groups added before and
+    after the stop)."""
+    whole = finetune(tmp_path, str(image_folder), "whole", "--trainer.max_epochs", "4")
+    broken = finetune(tmp_path, str(image_folder), "broken", "--trainer.max_epochs", "2")
+    first_half = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
+    assert first_half["epoch"] == 1 and len(first_half["optimizer_states"][0]["param_groups"]) == 1 + 8
+    finetune(tmp_path, str(image_folder), "broken", "--trainer.max_epochs", "4",
+             "--ckpt_path", str(broken / "checkpoints" / "last.ckpt"))
+
+    a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3, "last.ckpt is written every epoch"
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert [g["lr"] for g in a["optimizer_states"][0]["param_groups"]] == \
+        [g["lr"] for g in b["optimizer_states"][0]["param_groups"]]
+    assert len(a["optimizer_states"][0]["param_groups"]) == 1 + 19
+    assert history(whole) == history(broken)
+    assert [row["epoch"] for row in history(broken)] == ["0", "1", "2", "3"]
+
+    # The schedule did what it says: BatchNorm statistics are ImageNet's, the convolutions moved.
+    start = TransferClassifier(image_size=64, freeze_backbone=False, class_names=["a", "b", "c"]).state_dict()
+    assert torch.equal(a["state_dict"]["backbone.features.0.1.running_mean"], start["backbone.features.0.1.running_mean"])
+    assert not torch.equal(a["state_dict"]["backbone.features.0.0.weight"], start["backbone.features.0.0.weight"])
