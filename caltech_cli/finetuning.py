@@ -33,7 +33,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BaseFinetuning
+from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from caltech_cli.errors import CaltechError
@@ -144,11 +146,13 @@ class BackboneUnfreeze(BaseFinetuning):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         due = self.unfrozen_blocks(trainer.current_epoch)
+        unfrozen = False
         for index, optimizer in enumerate(trainer.optimizers):
             before = len(optimizer.param_groups)
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
             added = []
             for depth, block in enumerate(reversed(self.blocks[len(self.blocks) - due :])):
+                unfrozen |= not all(param.requires_grad for param in block)
                 for param in block:
                     param.requires_grad_(True)
                 if id(block[0]) not in in_optimizer:
@@ -163,6 +167,20 @@ class BackboneUnfreeze(BaseFinetuning):
                     trainer.current_epoch, due, len(self.blocks), f"{count:,}", min(added), max(added),
                 )
         pl_module.train(pl_module.training)
+        if unfrozen:
+            _rewrap_ddp(trainer)
+
+
+def _rewrap_ddp(trainer: pl.Trainer) -> None:
+    """Wrap the model in DistributedDataParallel again after unfreezing: DDP averages the
+    gradients of only the parameters that needed them when it wrapped the model, so without this
+    each process would train its own copy of the unfrozen blocks (Lightning's own
+    ``BackboneFinetuning`` has this bug: Lightning-AI/pytorch-lightning#20340). Every process
+    unfreezes in the same epoch, so they all wrap again together."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+        strategy.model = strategy.model.module
+        strategy.configure_ddp()
 
 
 def add_param_group(trainer: pl.Trainer, optimizer: Optimizer, params: list[nn.Parameter], ratio: float) -> None:

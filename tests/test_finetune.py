@@ -13,7 +13,7 @@ from torch import nn
 from caltech_cli.backbones import resolve_backbone
 from caltech_cli.finetuning import BackboneUnfreeze, add_param_group, backbone_blocks
 from caltech_cli.model import TransferClassifier
-from conftest import REPO, run_caltech, small_run
+from conftest import REPO, printed_metrics, run_caltech, small_run
 
 FINETUNE = str(REPO / "configs" / "finetune.yaml")
 
@@ -154,3 +154,18 @@ def test_resumed_fit_ends_where_an_unbroken_one_does(image_folder, tmp_path):
     start = TransferClassifier(image_size=64, freeze_backbone=False, class_names=["a", "b", "c"]).state_dict()
     assert torch.equal(a["state_dict"]["backbone.features.0.1.running_mean"], start["backbone.features.0.1.running_mean"])
     assert not torch.equal(a["state_dict"]["backbone.features.0.0.weight"], start["backbone.features.0.0.weight"])
+
+
+def test_ddp_trains_the_unfrozen_backbone_on_every_process(image_folder, tmp_path):
+    """DDP registers the parameters that need gradients when it wraps the model; a block unfrozen
+    later must still have its gradients averaged (Lightning-AI/pytorch-lightning#20340), or each
+    process trains its own backbone. Then the logged validation (each process scores its half
+    with its own weights) would differ from one process scoring the saved weights."""
+    runs = finetune(tmp_path, str(image_folder), "ddp", "--trainer.max_epochs", "3", "--trainer.strategy", "ddp",
+                    "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--data.num_workers", "0")
+    logged = history(runs)[-1]
+    alone = run_caltech("validate", *small_run(tmp_path / "ddp", str(image_folder), FINETUNE), "--trainer.logger",
+                        "false", "--ckpt_path", str(runs / "checkpoints" / "last.ckpt"), cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    printed = printed_metrics(alone.stdout, "val")
+    assert printed["val/loss"] == pytest.approx(float(logged["val/loss"]), rel=1e-5)
