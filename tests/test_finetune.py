@@ -33,7 +33,7 @@ def test_blocks_cover_every_parameter_once(network, count):
 
 def trainer_stub(optimizer: torch.optim.Optimizer, epoch: int, *schedulers) -> SimpleNamespace:
     return SimpleNamespace(
-        optimizers=[optimizer], current_epoch=epoch, is_global_zero=True,
+        optimizers=[optimizer], current_epoch=epoch, is_global_zero=True, strategy=None,
         lr_scheduler_configs=[SimpleNamespace(scheduler=s) for s in schedulers],
     )
 
