@@ -146,12 +146,13 @@ class BackboneUnfreeze(BaseFinetuning):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         due = self.unfrozen_blocks(trainer.current_epoch)
+        training = self.blocks[len(self.blocks) - due :]
         unfrozen = False
         for index, optimizer in enumerate(trainer.optimizers):
             before = len(optimizer.param_groups)
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
             added = []
-            for depth, block in enumerate(reversed(self.blocks[len(self.blocks) - due :])):
+            for depth, block in enumerate(reversed(training)):
                 unfrozen |= not all(param.requires_grad for param in block)
                 for param in block:
                     param.requires_grad_(True)
@@ -161,7 +162,7 @@ class BackboneUnfreeze(BaseFinetuning):
                     added.append(ratio)
             self._store(pl_module, index, before, optimizer.param_groups)
             if added and trainer.is_global_zero:
-                count = sum(p.numel() for block in self.blocks[len(self.blocks) - due :] for p in block)
+                count = sum(p.numel() for block in training for p in block)
                 log.info(
                     "Epoch %d: %d of %d backbone blocks train (%s parameters), at %.3g-%.3g x the head's rate",
                     trainer.current_epoch, due, len(self.blocks), f"{count:,}", min(added), max(added),

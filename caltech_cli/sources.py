@@ -294,8 +294,7 @@ def extract(archive: Path, folder: Path, source: str, limits: Limits, inner: str
         log.info("Extracting %s", archive)
         _unpack(archive, scratch / "0", limits)
         if inner is None:
-            os.replace(_top_folder(scratch / "0"), scratch / "top")
-            return _finish(scratch / "top", folder, source)
+            return _finish(_top_folder(scratch / "0"), folder, source)
         found = _find_folder(scratch, inner)
         for depth in range(1, MAX_NESTING + 1):
             if found is not None:
