@@ -1,14 +1,17 @@
 """``caltech predict`` against a plain forward pass over the same image files, side by side.
 
 (a) plain: the checkpoint's network (backbone + head) in plain PyTorch, channels-last, inference
-    mode, over the same files with the same decoding, batch size and workers; timed as its loop
-    alone and as a whole program (interpreter, imports, loading the checkpoint);
+    mode, on the same device and in the same precision (``--accelerator gpu``: bf16 autocast by
+    default), over the same files with the same decoding, batch size and workers; timed as its
+    loop alone (after an untimed pass that warms the page cache and the device) and as a whole program
+    (interpreter, imports, loading the checkpoint);
 (b) ``caltech predict --ckpt_path ...`` writing predictions.csv, timed as a whole command, and
     also less its start-up (a run over a single image), which a longer job pays once.
 
 Ratios compare like with like: whole program against whole program, loop against loop.
 
     python benchmarks/predict.py --ckpt runs/transfer/best.ckpt --folder data/101_ObjectCategories --limit 2000
+    python benchmarks/predict.py --ckpt runs/transfer/best.ckpt --folder /tmp/caltech34 --accelerator gpu
 """
 
 from __future__ import annotations
@@ -23,46 +26,47 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from caltech_cli.data import default_num_workers  # noqa: E402
-from caltech_cli.images import UnlabelledImages, eval_transform, find_images  # noqa: E402
-from caltech_cli.model import TransferClassifier  # noqa: E402
+from common import REPO, add_device_options, autocast, caltech, device_of, device_options, precision_of, synchronize
+from caltech_cli.data import default_num_workers
+from caltech_cli.images import UnlabelledImages, eval_transform, find_images
+from caltech_cli.export import load_for_export
 
 CONFIG = REPO / "configs" / "transfer.yaml"
+# What `caltech predict --config configs/transfer.yaml` batches by.
+BATCH_SIZE = yaml.safe_load(CONFIG.read_text())["data"]["init_args"]["batch_size"]
 
 
-def predict(ckpt: Path, folder: Path, work: Path) -> float:
-    env = dict(os.environ, WANDB_MODE="disabled")
-    command = [str(Path(sys.executable).with_name("caltech")), "predict", "--config", str(CONFIG),
-               "--ckpt_path", str(ckpt), "--data.predict_dir", str(folder), "--trainer.logger", "false",
-               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(work)]
-    start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"caltech predict failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
+def predict(ckpt: Path, folder: Path, work: Path, args) -> float:
+    return caltech("predict", "--config", str(CONFIG), "--ckpt_path", str(ckpt), "--data.predict_dir", str(folder),
+                   "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                   "--trainer.default_root_dir", str(work), *device_options(args), cwd=work.parent).seconds
 
 
-def plain(ckpt: Path, files: list[Path], batch_size: int) -> float:
-    model = TransferClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
-    pre = model.preprocessing
+def plain(ckpt: Path, files: list[Path], args) -> float:
+    device, precision = device_of(args.accelerator), precision_of(args)
+    model, pre = load_for_export(ckpt)  # the checkpoint's network, read without running code from it
+    model.to(device, memory_format=torch.channels_last)
     dataset = UnlabelledImages(files, eval_transform(pre), pre.crop_size, pre.resize_size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=default_num_workers())
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for images, _, _ in loader:
-            model.head(model.backbone(images.contiguous(memory_format=torch.channels_last))).softmax(dim=1)
+    loader = DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=default_num_workers(),
+                        pin_memory=device.type == "cuda")
+    with torch.inference_mode(), autocast(device, precision):
+        for _ in range(2):  # the first warms the page cache and the device; the second is timed
+            start = time.perf_counter()
+            for images, _, _ in loader:
+                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                model.head(model.backbone(images)).softmax(dim=1).cpu()
+            synchronize(device)
     return time.perf_counter() - start
 
 
-def plain_program(ckpt: Path, folder: Path) -> float:
+def plain_program(ckpt: Path, folder: Path, args) -> float:
     """Seconds for the plain pass as a program of its own, start-up included."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--plain-only", "--ckpt", str(ckpt), "--folder", str(folder)], check=True)
+    subprocess.run([sys.executable, __file__, "--plain-only", "--ckpt", str(ckpt), "--folder", str(folder),
+                    "--accelerator", args.accelerator, "--precision", precision_of(args)], check=True)
     return time.perf_counter() - start
 
 
@@ -72,9 +76,10 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, required=True)
     parser.add_argument("--folder", type=Path, required=True, help="images to predict (searched recursively)")
     parser.add_argument("--limit", type=int, default=2000, help="use the first N images")
+    add_device_options(parser)
     args = parser.parse_args()
     if args.plain_only:
-        plain(args.ckpt, find_images(args.folder), batch_size=16)
+        plain(args.ckpt, find_images(args.folder), args)
         return
     work = Path(tempfile.mkdtemp(prefix="caltech-predict-bench-"))
     files = find_images(args.folder)[: args.limit]
@@ -87,18 +92,19 @@ def main() -> None:
     one.mkdir()
     shutil.copy(copied[0], one)
 
-    plain_s = plain(args.ckpt, copied, batch_size=16)
-    plain_whole_s = plain_program(args.ckpt, images)
-    startup_s = predict(args.ckpt, one, work / "startup")
-    predict_s = predict(args.ckpt, images, work / "run")
+    plain_s = plain(args.ckpt, copied, args)
+    plain_whole_s = plain_program(args.ckpt, images, args)
+    startup_s = predict(args.ckpt, one, work / "startup", args)
+    predict_s = predict(args.ckpt, images, work / "run", args)
     steady_s = predict_s - startup_s
     n = len(copied)
-    print(f"images: {n}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"images: {n}, {len(os.sched_getaffinity(0))} CPU cores, {args.accelerator}, {precision_of(args)}, "
+          f"batch {BATCH_SIZE}, {default_num_workers()} workers, torch {torch.__version__}")
     print(f"(a) plain forward pass, loop:        {plain_s:7.1f} s  {n / plain_s:6.1f} img/s")
     print(f"    plain, whole program:            {plain_whole_s:7.1f} s  {n / plain_whole_s:6.1f} img/s")
     print(f"(b) caltech predict, whole command:  {predict_s:7.1f} s  {n / predict_s:6.1f} img/s"
           f"  throughput vs whole plain program {plain_whole_s / predict_s:.2f}")
-    print(f"    less its start-up ({startup_s:.1f} s):     {steady_s:7.1f} s  {n / steady_s:6.1f} img/s"
+    print(f"    less its start-up ({startup_s:.1f} s, one image): {steady_s:7.1f} s  {n / steady_s:6.1f} img/s"
           f"  throughput vs plain loop {plain_s / steady_s:.2f}")
     shutil.rmtree(work)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -312,7 +313,21 @@ class WandbSaveConfig(SaveConfigCallback):
 class EpochHistory(Callback):
     """Keep ``<trainer.default_root_dir>/history.csv``: one row of train and val metrics per
     epoch of the latest fit, rewritten as each epoch ends (``caltech compare`` reads it). A
-    resumed fit keeps the rows of the epochs before its checkpoint."""
+    resumed fit keeps the rows of the epochs before its checkpoint.
+
+    Each row also says how fast the epoch trained (``train/seconds``, ``train/images_per_s``:
+    its training batches, loading included, validation not), the figure to compare with a
+    plain PyTorch loop (``benchmarks/finetune.py``)."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = self._last_batch_end = time.perf_counter()
+        self._images = 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._images += len(batch[1])
+        self._last_batch_end = time.perf_counter()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After a checkpoint is restored, when ``current_epoch`` is the epoch to resume at."""
@@ -328,6 +343,9 @@ class EpochHistory(Callback):
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        seconds = self._last_batch_end - self._epoch_start
+        if seconds > 0:
+            metrics.update({"train/seconds": round(seconds, 3), "train/images_per_s": round(self._images / seconds, 1)})
         self._rows.append({"epoch": trainer.current_epoch, **metrics})
         columns = ["epoch", *sorted({k for row in self._rows for k in row} - {"epoch"})]
         path = Path(trainer.default_root_dir) / HISTORY

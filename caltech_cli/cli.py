@@ -7,7 +7,11 @@ import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
+import torch
+from pytorch_lightning import Trainer
+from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from torch.optim import Optimizer
 
@@ -64,6 +68,14 @@ class CaltechCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer; on a CUDA device float32 matrix products may use TensorFloat-32, which
+        Hopper and Ampere tensor cores run many times faster at the precision training needs."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if isinstance(trainer.accelerator, CUDAAccelerator):
+            torch.set_float32_matmul_precision("high")
+        return trainer
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse, then refuse a checkpoint that would run code before LightningCLI reads it."""
         super().parse_arguments(parser, args)
@@ -79,14 +91,25 @@ def _show_our_messages() -> None:
     package = logging.getLogger("caltech_cli")
     package.addHandler(handler)
     package.setLevel(logging.INFO)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_no_product_tips)
 
 
-# Warnings that say what this tool does on purpose: the frozen backbone stays in eval mode, and
-# the CLI's --optimizer replaces the model's own configure_optimizers.
+def _no_product_tips(record: logging.LogRecord) -> bool:
+    """Drop Lightning's tips that advertise other products (litlogger, litmodels): they say
+    nothing about this run."""
+    return not str(record.msg).startswith("💡 Tip")
+
+
+# Warnings that say what this tool does on purpose: the frozen backbone stays in eval mode; the
+# CLI's --optimizer replaces the model's own configure_optimizers; loaders of cached features
+# read from memory and need no workers (image loaders get one per core unless told otherwise); the
+# model summary's size estimate in mixed precision is a side remark, not a problem of the run.
 EXPECTED_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode",
     r".*configure_optimizers` will be overridden",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"The '\w+_dataloader' does not have many workers",
+    r"Precision .* is not supported by the model summary",
 )
 
 

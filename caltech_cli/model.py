@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from caltech_cli.backbones import resolve_backbone
 from caltech_cli.errors import CaltechError
+from caltech_cli.features import full_batch, warm_up
 
 
 class TransferClassifier(LightningModule):
@@ -146,9 +147,19 @@ class TransferClassifier(LightningModule):
         """Returns the logits, which the TestReport callback turns into the test report."""
         return {"logits": self._step(batch, "test")[1].detach()}
 
+    def on_predict_epoch_start(self) -> None:
+        """Set the device up for the batch shape while the loader workers decode the first
+        batches (``features.warm_up``); every batch then has that shape (``full_batch``)."""
+        # Lightning rebuilds the loader around a batch sampler, which holds the batch size.
+        self._predict_batch_size = self.trainer.predict_dataloaders.batch_sampler.batch_size
+        if self.head is not None:
+            with self.trainer.precision_plugin.forward_context():
+                warm_up(self.features, self.device, self._predict_batch_size, self.preprocessing.crop_size)
+
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor, list[str]], batch_idx: int) -> dict[str, Any]:
         images, indices, errors = batch
-        return {"index": indices, "probs": self(images).softmax(dim=1), "error": list(errors)}
+        probs = self(full_batch(images, self._predict_batch_size))[: len(images)].softmax(dim=1)
+        return {"index": indices, "probs": probs, "error": list(errors)}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The tutorial's AdamW at 2e-4 for Python use; ``caltech`` replaces it with its --optimizer."""

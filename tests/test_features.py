@@ -21,13 +21,13 @@ PRE = preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", image_size=64)
 
 @pytest.fixture
 def passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the images that go through a backbone for the cache."""
+    """Count the images that go through a backbone for the cache, one entry per pass."""
     seen: list[int] = []
     real = features.compute_features
 
-    def counting(extract, device, dataset, views, *args, **kwargs):
-        seen.append(views * len(dataset))
-        return real(extract, device, dataset, views, *args, **kwargs)
+    def counting(extract, device, datasets, *args, **kwargs):
+        seen.append(sum(len(dataset) for dataset in datasets))
+        return real(extract, device, datasets, *args, **kwargs)
 
     monkeypatch.setattr(features, "compute_features", counting)
     return seen
@@ -48,11 +48,11 @@ def fit(image_folder, tmp_path, epochs: int = 2, **data_options) -> tuple[Transf
 
 def test_second_fit_reuses_the_cache(image_folder, tmp_path, passes, caplog):
     _, data, _ = fit(image_folder, tmp_path, cache_features=True)
-    assert passes == [19, 10, 9], "train, val and test computed once each"
+    assert passes == [10 + 19, 9], "fit's val and train in one pass, then test; each once"
     assert isinstance(data.train_dataloader().dataset, features.CachedFeatures)
     with caplog.at_level(logging.INFO, logger="caltech_cli"):
         fit(image_folder, tmp_path, cache_features=True)
-    assert passes == [19, 10, 9], "nothing recomputed"
+    assert passes == [10 + 19, 9], "nothing recomputed"
     assert caplog.text.count("Reusing cached") == 3
 
 
@@ -62,7 +62,7 @@ def test_changed_image_invalidates_the_cache(image_folder, tmp_path, passes):
     stat = victim.stat()
     os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     fit(image_folder, tmp_path, epochs=1, cache_features=True)
-    assert len(passes) > 3, "the split holding the changed file is recomputed"
+    assert len(passes) == 3 and passes[2] in (19, 10, 9), "the split holding the changed file is recomputed, alone"
 
 
 def test_other_image_size_is_another_cache(image_folder, tmp_path, passes):
@@ -82,7 +82,7 @@ def test_half_written_cache_is_never_read(image_folder, tmp_path, passes):
     for name in ("train", "val", "test"):
         (folder / f"{name}-0123456789abcdef01234567.pt.part").write_bytes(b"killed half-way")
     _, _, metrics = fit(image_folder, tmp_path, epochs=1, cache_features=True)
-    assert passes == [19, 10, 9]
+    assert passes == [10 + 19, 9]
     assert metrics["test/acc"] >= 0
 
 
@@ -91,7 +91,7 @@ def test_augmented_views(image_folder, tmp_path, passes):
     cached = data.train_dataloader().dataset
     assert cached.features.shape[:2] == (3, 19)
     assert not torch.equal(cached.features[0], cached.features[1]), "views differ"
-    assert passes[0] == 3 * 19
+    assert passes[0] == 3 * 19 + 10, "three views of each training image, one of each validation image"
 
 
 def test_head_on_cached_features_equals_head_on_images(image_folder, tmp_path):
@@ -102,6 +102,40 @@ def test_head_on_cached_features_equals_head_on_images(image_folder, tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.allclose(model(sample), model(model.features(sample)), atol=1e-5)
+
+
+def test_cache_is_computed_where_and_how_the_trainer_runs_the_model(image_folder, tmp_path, monkeypatch, passes):
+    """The backbone pass that fills the cache runs after Lightning has placed the model on its
+    root device, on that device and in the trainer's precision (here bf16 autocast on the CPU),
+    not in the data module's setup while the model still sits on the CPU in float32. Another
+    precision gives other features, so it is another cache."""
+    events: list = []
+    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), batch_size=8,
+                                num_workers=0, preprocessing=PRE, cache_features=True)
+    model = TransferClassifier(image_size=64, class_names=data.class_names)
+    trainer = pl.Trainer(max_epochs=1, precision="bf16-mixed", accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    placing = trainer.strategy.model_to_device
+    monkeypatch.setattr(trainer.strategy, "model_to_device", lambda: (events.append("placed"), placing())[1])
+    features = model.features
+
+    def recording(images: torch.Tensor) -> torch.Tensor:
+        events.append((images.device, next(model.backbone.parameters()).device, torch.is_autocast_enabled("cpu"),
+                       torch.get_autocast_dtype("cpu")))
+        return features(images)
+
+    model.features = recording
+    trainer.fit(model, datamodule=data)
+    assert events and events[0] == "placed", "the model is placed before any feature is computed"
+    calls = events[1:]
+    assert passes == [19 + 10] and calls, "train and val features were computed"
+    for images_device, model_device, autocast, dtype in calls:
+        assert images_device == model_device == trainer.strategy.root_device
+        assert autocast and dtype == torch.bfloat16, "the pass runs in the trainer's precision"
+
+    fit(image_folder, tmp_path, epochs=1, cache_features=True)  # 32-true: other numbers, another cache
+    assert passes[1:] == [10 + 19, 9], "float32 features are not taken from the bf16 cache"
 
 
 def test_trained_backbone_is_not_cached(image_folder, tmp_path, passes):
@@ -133,7 +167,7 @@ def test_resume_with_the_cache(image_folder, tmp_path, passes):
         str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), batch_size=8, num_workers=0,
         preprocessing=PRE, cache_features=True), ckpt_path=tmp_path / "one.ckpt")
     assert resumed.current_epoch == 3 and resumed.global_step == 3 * 3
-    assert passes == [19, 10], "the resumed fit reuses the features of the first"
+    assert passes == [10 + 19], "the resumed fit reuses the features of the first"
 
 
 def test_ddp_on_cpu_end_to_end(tar_archive, tmp_path):
@@ -149,7 +183,7 @@ def test_ddp_on_cpu_end_to_end(tar_archive, tmp_path):
     assert result.stderr.count("Extracted ") == 1
     splits = re.findall(r"\(split ([0-9a-f]{12})\)", result.stderr)
     assert len(splits) == 2 and splits[0] == splits[1], "each process logs its split; they are the same"
-    assert result.stderr.count("Cached train features") == 1
+    assert result.stderr.count("Cached val and train features") == 1
     assert result.stderr.count("Reusing cached train features") == 1
     assert len(list((tmp_path / "data" / "feature-cache").glob("*.pt"))) == 2
     assert (tmp_path / "runs" / "best.ckpt").resolve().is_file()
