@@ -28,15 +28,15 @@ def module(source: Path | str, data_dir: Path, **kwargs) -> Caltech101DataModule
 
 @pytest.fixture
 def count_extractions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every archive that patool is asked to extract."""
+    """Record every archive that is extracted."""
     calls: list[str] = []
-    real = sources.patoolib.extract_archive
+    real = sources.unpack
 
-    def spy(archive: str, **kwargs):
-        calls.append(Path(archive).name)
-        return real(archive, **kwargs)
+    def spy(archive: Path, *args):
+        calls.append(archive.name)
+        return real(archive, *args)
 
-    monkeypatch.setattr(sources.patoolib, "extract_archive", spy)
+    monkeypatch.setattr(sources, "unpack", spy)
     return calls
 
 
