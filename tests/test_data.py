@@ -310,12 +310,17 @@ def test_image_that_fails_in_a_worker_is_named(image_folder, tmp_path):
         dataset[0]
 
 
-def test_png_damaged_in_the_middle_is_listed_by_the_scan(tmp_path):
+def test_damage_the_end_does_not_show_is_listed_by_the_scan(tmp_path):
+    """A PNG damaged in the middle fails its checksums; a BMP (no end marker) is decoded."""
     top = bad_images_folder(tmp_path)
     damaged_png(top / "circles" / "damaged.png", checksum_intact=False)
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(top / "circles" / "short.bmp")
+    whole = (top / "circles" / "short.bmp").read_bytes()
+    (top / "circles" / "short.bmp").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(CaltechError) as error:
         module(top, tmp_path).setup("fit")
     assert f"{top / 'circles' / 'damaged.png'}: damaged PNG" in str(error.value)
+    assert f"{top / 'circles' / 'short.bmp'}: damaged BMP" in str(error.value)
 
 
 def test_image_that_fails_after_the_scan_is_skipped_with_the_option(tmp_path):

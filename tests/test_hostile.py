@@ -257,6 +257,7 @@ def test_format_python_cannot_read_is_checked_after_patool(tmp_path, caplog):
     inside.write_bytes(gzip.decompress(plain.read_bytes()))
     with tarfile.open(inside, "a") as tar:
         tar.addfile(member(f"{FOLDER}/cats/again.bin", tarfile.SYMTYPE, "setuid.bin"))
+        tar.addfile(member(f"{FOLDER}/cats/more.bin"), io.BytesIO(b"y"))
     archive = tmp_path / "modes.tar.zst"
     subprocess.run(["zstd", "-q", str(inside), "-o", str(archive)], check=True)
     with caplog.at_level(logging.INFO, logger="caltech_cli"):
@@ -271,6 +272,16 @@ def test_format_python_cannot_read_is_checked_after_patool(tmp_path, caplog):
     subprocess.run(["zstd", "-q", str(inside), "-o", str(evil)], check=True)
     with pytest.raises(CaltechError, match="'101_ObjectCategories/cats/escape' is a symbolic link"):
         prepare(evil, tmp_path / "data2")
+    with pytest.raises(CaltechError, match="2 files .*over the limit"):
+        prepare(archive, tmp_path / "data3", max_extract_files=1)
+
+
+def test_hard_link_inside_becomes_a_copy(tmp_path):
+    archive = tar_gz(tmp_path / "linked.tar.gz", (member(f"{FOLDER}/cats/a.txt"), b"same"),
+                     (member(f"{FOLDER}/dogs/b.txt", tarfile.LNKTYPE, f"{FOLDER}/cats/a.txt"), None))
+    prepare(archive, tmp_path / "data")
+    copy = tmp_path / "data" / FOLDER / "dogs" / "b.txt"
+    assert copy.read_text() == "same" and copy.stat().st_nlink == 1
 
 
 @pytest.fixture
