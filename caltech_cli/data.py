@@ -270,8 +270,11 @@ class ImageClassificationDataModule(LightningDataModule):
         inside = self.root.resolve()
         files, labels, ignored, bad, outside = [], [], [], [], []
         for label, name in enumerate(names):
+            # rglob does not descend into linked folders: only a linked file, class or split folder
+            # can lead outside, and only their files need resolving.
+            linked = root.is_symlink() or (root / name).is_symlink()
             for path in sorted(p for p in (root / name).rglob("*") if p.is_file()):
-                if not path.resolve().is_relative_to(inside):
+                if (linked or path.is_symlink()) and not path.resolve().is_relative_to(inside):
                     outside.append(path)
                     continue
                 problem = image_problem(path)

@@ -387,8 +387,13 @@ def _unpack_zip(archive: Path, into: Path, budget: Budget, shown: str) -> int:
                 _folder(into, name)
             else:
                 budget.take(shown, info.filename, info.file_size)
-                with _read_errors(shown):
-                    member = zf.open(info)
+                try:
+                    with _read_errors(shown):
+                        member = zf.open(info)
+                except (RuntimeError, NotImplementedError) as error:  # encrypted, or compressed in a way zipfile lacks
+                    raise CaltechError(
+                        f"cannot extract {shown}: {error}. Fix: extract it yourself and pass the folder with --data.source."
+                    ) from error
                 with member:
                     _write(member, _folder(into, name.parent) / name.name, shown)
     return links
@@ -466,8 +471,8 @@ def unpack(archive: Path, into: Path, budget: Budget, shown: str) -> None:
         links = unpacker(archive, into, budget, shown)
     except OSError as error:  # reading errors are CaltechErrors by now: this is writing
         raise CaltechError(
-            f"cannot extract {shown} into {into.parent.parent}: {error}. Fix: free some disk space, or pass a "
-            "--data.data_dir where you can write."
+            f"cannot extract {shown} into {into.parent.parent}: {error}. Fix: check that there is free space and "
+            "that you can write there, or pass another --data.data_dir."
         ) from error
     if links:
         log.warning("Left out %d symbolic links of %s: an image data set needs none, and they could lead "
