@@ -69,7 +69,10 @@ def image_problem(path: Path) -> str | None:
     if kind != "JPEG":
         try:
             with Image.open(path) as image:
-                image.verify() if kind == "PNG" else image.load()
+                if kind == "PNG":
+                    image.verify()
+                else:
+                    image.load()
         except UNREADABLE as error:
             return f"damaged {kind} ({error})"
     return None
