@@ -99,6 +99,8 @@ class ImageClassificationDataModule(LightningDataModule):
         predict_dir: A folder of images (searched recursively) or one image, for ``predict``.
         skip_bad_images: Train without image files that cannot be used (empty, truncated,
             corrupt, too large) instead of stopping before training; either way they are listed.
+            A file that the scan passes and that fails to decode later is then skipped too (the
+            next image of its class takes its place) and counted at the end, instead of stopping.
         max_extract_gb: Refuse archives that unpack to more than this many GiB.
         max_extract_files: Refuse archives that unpack to more than this many files.
         cache_features: With a frozen backbone, compute its features once per image, keep them
@@ -280,12 +282,21 @@ class ImageClassificationDataModule(LightningDataModule):
 
         Files that are not images and do not claim to be (a README) are ignored. Files named as
         images that cannot be used (empty, truncated, corrupt, too large) are listed with the
-        reason, and stop the run before training unless ``skip_bad_images`` is set.
+        reason, and stop the run before training unless ``skip_bad_images`` is set. Symbolic
+        links that lead outside the data set's folder are not followed: a folder from elsewhere
+        must not feed other files of this machine into training, reports and W&B.
         """
         names = self.class_names or []
-        files, labels, ignored, bad = [], [], [], []
+        inside = self.root.resolve()
+        files, labels, ignored, bad, outside = [], [], [], [], []
         for label, name in enumerate(names):
+            # rglob does not descend into linked folders: only a linked file, class or split folder
+            # can lead outside, and only their files need resolving.
+            linked = root.is_symlink() or (root / name).is_symlink()
             for path in sorted(p for p in (root / name).rglob("*") if p.is_file()):
+                if (linked or path.is_symlink()) and not path.resolve().is_relative_to(inside):
+                    outside.append(path)
+                    continue
                 problem = image_problem(path)
                 if problem is None:
                     files.append(path)
@@ -297,6 +308,9 @@ class ImageClassificationDataModule(LightningDataModule):
         if ignored:
             shown = ", ".join(str(p.relative_to(root)) for p in ignored[:10])
             log.info("Ignoring %d files that are not images: %s", len(ignored), shown)
+        if outside:
+            shown = ", ".join(str(p.relative_to(root)) for p in outside[:10])
+            log.warning("Not following %d symbolic links that lead outside %s: %s", len(outside), self.root, shown)
         if bad:
             listing = "\n  ".join(bad)
             if not self.skip_bad_images:
@@ -330,7 +344,7 @@ class ImageClassificationDataModule(LightningDataModule):
             pre = self.preprocessing
             transforms = [train_transform(pre, self.crop_scale), eval_transform(pre), eval_transform(pre)]
             self._splits = [
-                LabelledImages(files, labels, transform, pre.resize_size)
+                LabelledImages(files, labels, transform, pre.resize_size, self.skip_bad_images)
                 for (files, labels), transform in zip(self._split_files(), transforms)
             ]
             log.info(
@@ -382,6 +396,15 @@ class ImageClassificationDataModule(LightningDataModule):
         if self.cache_features and model is not None and not getattr(model, "freeze_backbone", False):
             log.info("Not caching features: the backbone is trained (model.freeze_backbone is false)")
 
+    def teardown(self, stage: str) -> None:
+        """Say which image files were skipped because they could not be read (``skip_bad_images``)."""
+        skipped = [path for split in self._splits or [] for path in split.skipped()]
+        if skipped:
+            log.warning(
+                "Skipped %d image files that could not be read (the next image of the class took each one's "
+                "place): %s. Fix: remove or replace them.", len(skipped), ", ".join(map(str, skipped[:10]))
+            )
+
     # -- feature cache -------------------------------------------------------------------------
 
     def _frozen_model(self) -> pl.LightningModule | None:
@@ -425,7 +448,7 @@ class ImageClassificationDataModule(LightningDataModule):
         return self._features[split]
 
     def _images(self, split: str) -> LabelledImages:
-        return {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        return getattr(self, f"{split}_set")
 
     def _to_cache(self, split: str) -> Split:
         """What the cache holds for a split: the evaluation transform's view, or for training with

@@ -13,7 +13,8 @@ A cache file is keyed by everything that changes its numbers: the backbone's wei
 the preprocessing and transform, the precision, the number of augmented views, and the image files themselves
 (path, size, modification time) with their labels. It is written to a temporary name and
 renamed when complete, under a file lock, so a half-written cache is never read and processes
-that start together compute it once.
+that start together compute it once. A cache file that is damaged anyway (truncated, empty,
+another program's) is computed again, with one line saying so; nothing in it is run.
 """
 
 from __future__ import annotations
@@ -141,6 +142,32 @@ def _key(split: Split, backbone: str, preprocessing: Preprocessing, precision: s
     }
 
 
+def _load_cache(path: Path, key: dict, dataset: LabelledImages, views: int, name: str) -> CachedFeatures | None:
+    """The features stored at ``path`` if they are what ``key`` describes; None, with one line
+    saying so, when the file is truncated, empty, another program's or does not match.
+
+    ``weights_only`` loading runs no code from the file, whatever it holds.
+    """
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        features, labels = stored["features"], stored["labels"]
+        if not (
+            stored.get("key") == json.dumps(key)
+            and isinstance(features, torch.Tensor)
+            and isinstance(labels, torch.Tensor)
+            and features.dim() == 3
+            and tuple(features.shape[:2]) == (views, len(dataset))
+            and labels.tolist() == list(dataset.labels)
+        ):
+            raise ValueError("it holds other features than this key's")
+    # A cache is only a copy: whatever is wrong with the file, the features are computed again.
+    except Exception as error:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        log.warning("The cached %s features in %s cannot be used (%s); computing them again", name, path, reason)
+        return None
+    return CachedFeatures(features, labels)
+
+
 def cached_features(
     extract: Extractor,
     backbone: nn.Module,
@@ -169,13 +196,13 @@ def cached_features(
     with FileLock(str(folder / ".lock")):
         missing = []
         for split in splits:
-            path = paths[split.name][0]
-            if path.is_file():
-                stored = torch.load(path, map_location="cpu", weights_only=True)
-                log.info("Reusing cached %s features (%d images) from %s", split.name, len(split.dataset), path)
-                found[split.name] = CachedFeatures(stored["features"], stored["labels"])
-            else:
+            path, key = paths[split.name]
+            cached = _load_cache(path, key, split.dataset, split.views, split.name) if path.is_file() else None
+            if cached is None:
                 missing.append(split)
+            else:
+                log.info("Reusing cached %s features (%d images) from %s", split.name, len(split.dataset), path)
+                found[split.name] = cached
         if not missing:
             return found
         device = next(backbone.parameters()).device

@@ -5,11 +5,15 @@ Pure functions and small datasets; the data module composes them.
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import random
+import struct
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +24,8 @@ from torchvision.transforms import v2
 from caltech_cli.backbones import Preprocessing
 from caltech_cli.errors import CaltechError
 
+log = logging.getLogger(__name__)
+
 # Extensions that `predict` looks for in a folder. Training data is judged by content instead,
 # because real archives hold images without extensions (Caltech-101's BACKGROUND_Google/tmp).
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
@@ -27,7 +33,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 
 NOT_AN_IMAGE = "not an image"
 # What opening or decoding a bad image file raises (PIL's bomb error is none of the others).
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 # The bytes an intact file of these formats ends with (allowing some trailing padding).
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 
@@ -41,9 +47,11 @@ def _ends_intact(path: Path, marker: bytes) -> bool:
 def image_problem(path: Path) -> str | None:
     """Why ``path`` cannot be used as an image, or None when it can.
 
-    Judged from the header (format, size, PIL's decompression-bomb limit) and, for JPEG and
-    PNG, from the end of the file, which a truncated download or copy lacks: cheap enough to
-    run over every file of a data set before training starts.
+    Judged from the header (format, size, PIL's decompression-bomb limit); for JPEG and PNG
+    also from the end of the file, which a truncated download or copy lacks; for PNG from the
+    checksum of every chunk, which data damaged in the middle fails (no decoding needed); and
+    other formats, which have no such cheap check, are decoded. Cheap enough to run over every
+    file of a data set before training starts: a JPEG, nearly every photo, is not decoded.
     """
     try:
         if path.stat().st_size == 0:
@@ -58,6 +66,15 @@ def image_problem(path: Path) -> str | None:
         return f"unreadable ({error})"
     if kind in END_MARKERS and not _ends_intact(path, END_MARKERS[kind]):
         return f"truncated {kind} (its end is missing)"
+    if kind != "JPEG":
+        try:
+            with Image.open(path) as image:
+                if kind == "PNG":
+                    image.verify()
+                else:
+                    image.load()
+        except UNREADABLE as error:
+            return f"damaged {kind} ({error})"
     return None
 
 
@@ -165,25 +182,66 @@ def eval_transform(pre: Preprocessing) -> Callable:
 
 @dataclass
 class LabelledImages(Dataset):
-    """Image files with class indices, each split with its own transform."""
+    """Image files with class indices, each split with its own transform.
+
+    The scan before training catches nearly every bad file, not all (a PNG whose data is damaged
+    under intact checksums, a file changed since). Without ``skip_bad`` such a file stops the run
+    with its name. With it, the file is skipped: the next readable image of its class takes its
+    place, so batches keep their size and labels, features and reports stay aligned with
+    ``files``; :meth:`skipped` lists it afterwards. ``failed`` holds a flag per file in shared
+    memory, which loader workers inherit, so their findings reach the main process.
+    """
 
     files: Sequence[Path]
     labels: Sequence[int]
     transform: Callable
     min_size: int | None = None
+    skip_bad: bool = False
+    failed: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.failed is None:
+            self.failed = multiprocessing.RawArray("b", max(len(self.files), 1))
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        label = self.labels[index]
+        image = None if self.failed[index] else self._load(index)
+        if image is None:
+            count = len(self.files)
+            for other in ((index + step) % count for step in range(1, count)):
+                if self.labels[other] == label and not self.failed[other]:
+                    image = self._load(other)
+                    if image is not None:
+                        break
+            else:
+                raise CaltechError(
+                    f"no image labelled {label} can be read (the last tried: {self.files[index]}). Fix: remove or "
+                    "replace the damaged files of that class."
+                )
+        return self.transform(image), label
+
+    def _load(self, index: int) -> Image.Image | None:
+        """The image at ``index``; None when it cannot be read and bad images are skipped."""
         try:
-            image = load_rgb(self.files[index], self.min_size)
+            return load_rgb(self.files[index], self.min_size)
         except UNREADABLE as error:
-            raise CaltechError(
-                f"cannot read image {self.files[index]}: {error}. Fix: remove or replace it, or run with "
-                "--data.skip_bad_images true after the data set scan lists it."
-            ) from error
-        return self.transform(image), self.labels[index]
+            if not self.skip_bad:
+                raise CaltechError(
+                    f"cannot read image {self.files[index]}: {error}. Fix: remove or replace it, or pass "
+                    "--data.skip_bad_images true to skip such files."
+                ) from error
+            if not self.failed[index]:
+                log.warning("Skipping %s, which cannot be read (%s); the next image of its class takes its place",
+                            self.files[index], error)
+            self.failed[index] = 1
+            return None
+
+    def skipped(self) -> list[Path]:
+        """The files skipped so far because they could not be read, in any process."""
+        return [path for path, failed in zip(self.files, self.failed) if failed]
 
 
 @dataclass

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import sys
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +65,23 @@ def make_caltech_like(root: Path, per_class: int = PER_CLASS, seed: int = 0) -> 
     draw("squares", rng).save(top / "squares" / "tmp", format="JPEG")
     (top / "stripes" / "README.txt").write_text("not an image\n")
     return top
+
+
+def damaged_png(path: Path, checksum_intact: bool, seed: int = 0) -> Path:
+    """A PNG with zeros written over the middle of its image data, its end intact: the chunk's
+    checksum then fails (what a bad copy leaves), or with ``checksum_intact`` it is recomputed
+    (what someone who means harm makes), and only decoding finds the damage."""
+    noise = np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, format="PNG")
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT")
+    length = struct.unpack(">I", data[start - 4 : start])[0]
+    middle = start + 4 + length // 2
+    data[middle : middle + 16] = bytes(16)
+    if checksum_intact:
+        data[start + 4 + length : start + 8 + length] = struct.pack(">I", zlib.crc32(data[start : start + 4 + length]))
+    path.write_bytes(bytes(data))
+    return path
 
 
 def pack_tar_gz(folder: Path, archive: Path) -> Path:

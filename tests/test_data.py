@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, FOLDER
+from conftest import CLASSES, FOLDER, damaged_png
 from PIL import Image
 
 from caltech_cli import sources
 from caltech_cli.backbones import Preprocessing
 from caltech_cli.data import Caltech101DataModule
 from caltech_cli.errors import CaltechError
-from caltech_cli.images import apportion, eval_transform, load_rgb, stratified_split, to_rgb, train_transform
+from caltech_cli.images import (
+    LabelledImages,
+    apportion,
+    eval_transform,
+    image_problem,
+    load_rgb,
+    stratified_split,
+    to_rgb,
+    train_transform,
+)
 
 SMALL = Preprocessing(crop_size=32, resize_size=36)
 
@@ -28,15 +38,15 @@ def module(source: Path | str, data_dir: Path, **kwargs) -> Caltech101DataModule
 
 @pytest.fixture
 def count_extractions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every archive that patool is asked to extract."""
+    """Record every archive that is extracted."""
     calls: list[str] = []
-    real = sources.patoolib.extract_archive
+    real = sources.unpack
 
-    def spy(archive: str, **kwargs):
-        calls.append(Path(archive).name)
-        return real(archive, **kwargs)
+    def spy(archive: Path, *args):
+        calls.append(archive.name)
+        return real(archive, *args)
 
-    monkeypatch.setattr(sources.patoolib, "extract_archive", spy)
+    monkeypatch.setattr(sources, "unpack", spy)
     return calls
 
 
@@ -298,3 +308,59 @@ def test_image_that_fails_in_a_worker_is_named(image_folder, tmp_path):
     dataset = type(dm.train_set)([victim], [0], dm.train_set.transform)
     with pytest.raises(CaltechError, match="cannot read image .*gone.jpg"):
         dataset[0]
+
+
+def test_damage_the_end_does_not_show_is_listed_by_the_scan(tmp_path):
+    """A PNG damaged in the middle fails its checksums; a BMP (no end marker) is decoded."""
+    top = bad_images_folder(tmp_path)
+    damaged_png(top / "circles" / "damaged.png", checksum_intact=False)
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(top / "circles" / "short.bmp")
+    whole = (top / "circles" / "short.bmp").read_bytes()
+    (top / "circles" / "short.bmp").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CaltechError) as error:
+        module(top, tmp_path).setup("fit")
+    assert f"{top / 'circles' / 'damaged.png'}: damaged PNG" in str(error.value)
+    assert f"{top / 'circles' / 'short.bmp'}: damaged BMP" in str(error.value)
+
+
+def test_image_that_fails_after_the_scan_is_skipped_with_the_option(tmp_path):
+    """A PNG whose checksums were made to fit passes the scan; decoding it fails."""
+    good = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, path in enumerate(good):
+        Image.new("RGB", (40, 40), (80 * i, 20, 30)).save(path)
+    bad = damaged_png(tmp_path / "bad.png", checksum_intact=True)
+    assert image_problem(bad) is None
+    files, labels = [good[0], bad, good[1], good[2]], [0, 0, 1, 0]
+
+    strict = LabelledImages(files, labels, eval_transform(SMALL))
+    with pytest.raises(CaltechError, match=r"cannot read image .*bad\.png.*--data\.skip_bad_images true"):
+        strict[1]
+
+    skipping = LabelledImages(files, labels, eval_transform(SMALL), skip_bad=True)
+    image, label = skipping[1]
+    assert label == 0 and torch.equal(image, skipping[3][0]), "the next image of its class stands in"
+    fresh = LabelledImages(files, labels, eval_transform(SMALL), skip_bad=True)
+    loader = torch.utils.data.DataLoader(fresh, batch_size=2, num_workers=2)
+    assert sum(len(batch_labels) for _, batch_labels in loader) == 4
+    assert fresh.skipped() == [bad], "what loader workers found is known to the main process"
+
+    alone = LabelledImages([bad, good[0]], [0, 1], eval_transform(SMALL), skip_bad=True)
+    with pytest.raises(CaltechError, match="no image labelled 0 can be read"):
+        alone[0]
+
+
+def test_links_out_of_a_folder_used_in_place_are_not_followed(image_folder, tmp_path, caplog):
+    host_image = tmp_path / "elsewhere" / "private.jpg"
+    host_image.parent.mkdir()
+    shutil.copy(image_folder / "circles" / "image_0001.jpg", host_image)
+    top = tmp_path / "copy" / FOLDER
+    shutil.copytree(image_folder, top)
+    (top / "circles" / "private.jpg").symlink_to(host_image)
+    (top / "circles" / "again.jpg").symlink_to(top / "squares" / "image_0002.jpg")
+    dm = module(top, tmp_path)
+    with caplog.at_level(logging.INFO, logger="caltech_cli"):
+        dm.setup("fit")
+    used = [p for s in (dm.train_set, dm.val_set, dm.test_set) for p in s.files]
+    assert top / "circles" / "again.jpg" in used, "a link inside the folder is followed"
+    assert all(p.resolve().is_relative_to(top.resolve()) for p in used)
+    assert "Not following 1 symbolic links that lead outside" in caplog.text and "private.jpg" in caplog.text

@@ -86,6 +86,47 @@ def test_half_written_cache_is_never_read(image_folder, tmp_path, passes):
     assert metrics["test/acc"] >= 0
 
 
+class CreatesFile:
+    """Unpickling this creates a file: what a planted cache file would do."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_damaged_cache_is_computed_again(image_folder, tmp_path, passes, caplog):
+    """Truncated, empty, another program's, planted or mismatched files in the cache folder: each
+    is computed again with one line saying so, and nothing in them runs."""
+    fit(image_folder, tmp_path, epochs=1, cache_features=True)
+    files = sorted((tmp_path / "data" / "feature-cache").glob("*.pt"))
+    assert len(files) == 3
+    planted = tmp_path / "pwned"
+    rounds = [
+        [lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+         lambda f: f.write_bytes(b""),
+         lambda f: torch.save({"features": CreatesFile(planted), "labels": torch.zeros(1)}, f)],
+        [lambda f: f.write_text("another program's notes"),
+         lambda f: torch.save({"weights": torch.ones(3)}, f),
+         lambda f: torch.save({"features": torch.zeros(1, 2, 3), "labels": torch.zeros(2), "key": "{}"}, f)],
+    ]
+    for damage in rounds:
+        for file, spoil in zip(files, damage):
+            spoil(file)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="caltech_cli"):
+            _, _, metrics = fit(image_folder, tmp_path, epochs=1, cache_features=True)
+        assert caplog.text.count("cannot be used") == 3 and caplog.text.count("computing them again") == 3
+        assert "Reusing cached" not in caplog.text and metrics["test/acc"] >= 0
+    assert passes == [10 + 19, 9] * 3
+    assert not planted.exists(), "nothing in a cache file runs"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="caltech_cli"):
+        fit(image_folder, tmp_path, epochs=1, cache_features=True)
+    assert caplog.text.count("Reusing cached") == 3, "the files computed again are used"
+
+
 def test_augmented_views(image_folder, tmp_path, passes):
     _, data, _ = fit(image_folder, tmp_path, epochs=1, cache_features=True, cache_views=3)
     cached = data.train_dataloader().dataset

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import logging
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -14,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FOLDER, run_caltech, small_run
+import numpy as np
+from conftest import CLASSES, FOLDER, damaged_png, draw, run_caltech, small_run
 
 from caltech_cli import sources
 from caltech_cli.backbones import resolve_backbone
-from caltech_cli.data import Caltech101DataModule
+from caltech_cli.data import Caltech101DataModule, ImageFolderDataModule
 from caltech_cli.errors import CaltechError
 
 
@@ -109,9 +114,254 @@ def test_extracted_tree_is_checked_for_any_format(tmp_path):
     root.mkdir()
     (root / "fine.txt").write_text("ok")
     (root / "escape").symlink_to(tmp_path)
-    limits = sources.Limits(2**30, 100)
+    budget = sources.Budget(sources.Limits(2**30, 100), "x.rar")
     with pytest.raises(CaltechError, match="'escape' is a symbolic link"):
-        sources.check_tree(tmp_path / "x.rar", root, limits)
+        sources.check_tree("x.rar", root, budget)
+    (root / "escape").unlink()
+    (tmp_path / "outside.txt").write_text("a file of the machine")
+    os.link(tmp_path / "outside.txt", root / "hard")
+    with pytest.raises(CaltechError, match="'hard' is a hard link to a file outside"):
+        sources.check_tree("x.rar", root, budget)
+
+
+def tar_gz(path: Path, *members: tuple[tarfile.TarInfo, bytes | None]) -> Path:
+    """A .tar.gz of the given members, each with its content (None for links and folders)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for info, content in members:
+            if content is not None:
+                info.size = len(content)
+            tar.addfile(info, io.BytesIO(content) if content is not None else None)
+    return path
+
+
+def link(name: str, target: str) -> tuple[tarfile.TarInfo, None]:
+    return member(name, tarfile.SYMTYPE, target), None
+
+
+def no_links_under(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.is_symlink()]
+
+
+def test_link_that_leads_out_only_once_moved_is_left_out(tmp_path, caplog):
+    """Inside the scratch folder the link stays in; moved past its wrapper folders into data_dir,
+    it would reach a file of the machine."""
+    host_file = tmp_path / "sandbox" / "secret.jpg"
+    host_file.parent.mkdir()
+    host_file.write_bytes(b"the machine's own file")
+    archive = tar_gz(tmp_path / "wrapped.tar.gz", (member(f"wrap/{FOLDER}/cats/ok.txt"), b"ok"),
+                     link(f"wrap/{FOLDER}/cats/secret.jpg", "../../../secret.jpg"))
+    data_dir = tmp_path / "sandbox" / "data"
+    with caplog.at_level(logging.INFO, logger="caltech_cli"):
+        prepare(archive, data_dir)
+    assert (data_dir / FOLDER / "cats" / "ok.txt").read_text() == "ok"
+    assert not os.path.lexists(data_dir / FOLDER / "cats" / "secret.jpg")
+    assert no_links_under(data_dir)
+    assert "Left out 1 symbolic links" in caplog.text
+
+
+def test_link_to_its_own_folder_does_not_make_data_dir_the_data_set(tmp_path):
+    archive = tar_gz(tmp_path / "photos.tar.gz", link("top", "."))
+    data_dir = tmp_path / "data"
+    (data_dir / "feature-cache").mkdir(parents=True)
+    data = ImageFolderDataModule(str(archive), data_dir=str(data_dir), num_workers=0)
+    with pytest.raises(CaltechError, match="no class folders"):
+        data.class_names
+    assert not (data_dir / "photos").is_symlink() and no_links_under(data_dir)
+    assert data.root.resolve() != data_dir.resolve()
+
+
+def test_tar_with_a_damaged_header_is_refused_not_skipped_over(tmp_path):
+    """tarfile stops at an unreadable header where GNU tar skips ahead to the next one: what
+    follows it is neither listed nor written, and the archive is refused as damaged."""
+    visible, hidden = io.BytesIO(), io.BytesIO()
+    with tarfile.open(fileobj=visible, mode="w") as tar:
+        info = member(f"{FOLDER}/cats/ok.txt", size=2)
+        tar.addfile(info, io.BytesIO(b"ok"))
+    with tarfile.open(fileobj=hidden, mode="w") as tar:
+        tar.addfile(member(f"{FOLDER}/cats/evil-etc", tarfile.SYMTYPE, "/etc"))
+        big = member(f"{FOLDER}/cats/evil-big.bin", size=2**20)
+        tar.addfile(big, io.BytesIO(bytes(2**20)))
+    stream = visible.getvalue()[:1024] + b"\x01" * 512 + hidden.getvalue()
+    archive = tmp_path / "damaged.tar.gz"
+    archive.write_bytes(gzip.compress(stream))
+    with pytest.raises(CaltechError, match=r"damaged\.tar\.gz is damaged or incomplete .*Fix: download it again"):
+        prepare(archive, tmp_path / "data")
+    assert not (tmp_path / "data" / FOLDER).exists()
+    assert not [p for p in tmp_path.rglob("evil*")]
+
+
+def test_tar_and_zip_are_never_handed_to_another_program(nested_zip, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("patool was asked to extract a tar or zip archive")
+
+    monkeypatch.setattr(sources.patoolib, "extract_archive", refuse)
+    prepare(nested_zip, tmp_path / "data")
+    assert (tmp_path / "data" / FOLDER / "circles").is_dir()
+
+
+def test_nested_archives_share_one_budget(tmp_path):
+    """Each archive unpacks to 3 MiB, under the 4 MiB limit; together they pass it."""
+    zeros = bytes(3 * 2**20)
+    inner = tar_gz(tmp_path / f"{FOLDER}.tar.gz", (member("zeros-inner.bin"), zeros),
+                   (member(f"{FOLDER}/cats/ok.txt"), b"ok"))
+    outer = tar_gz(tmp_path / "outer.tar.gz", (member("zeros-outer.bin"), zeros),
+                   (member(f"wrap/{inner.name}"), inner.read_bytes()))
+    with pytest.raises(CaltechError, match=r"outer\.tar\.gz unpacks to .* \(archives inside it included\), over the limit"):
+        prepare(outer, tmp_path / "data", max_extract_gb=4 / 1024)
+    assert not (tmp_path / "data" / FOLDER).exists()
+    prepare(outer, tmp_path / "data", max_extract_gb=8 / 1024)
+    assert (tmp_path / "data" / FOLDER / "cats" / "ok.txt").is_file()
+
+
+def hostile_modes_zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        folder = zipfile.ZipInfo(f"{FOLDER}/cats/")
+        folder.external_attr = (stat.S_IFDIR | 0o1777) << 16
+        zf.writestr(folder, "")
+        setuid = zipfile.ZipInfo(f"{FOLDER}/cats/setuid.bin")
+        setuid.create_system = 3
+        setuid.external_attr = (stat.S_IFREG | 0o6777) << 16
+        zf.writestr(setuid, "x")
+    return path
+
+
+def hostile_modes_tar(path: Path) -> Path:
+    folder = member(f"{FOLDER}/cats", tarfile.DIRTYPE)
+    folder.mode = 0o1777
+    setuid = member(f"{FOLDER}/cats/setuid.bin")
+    setuid.mode, setuid.uid, setuid.gid, setuid.uname, setuid.gname = 0o6777, 4242, 4242, "", ""
+    return tar_gz(path, (folder, None), (setuid, b"x"))
+
+
+def assert_safe(folder: Path) -> None:
+    for path in [folder, *folder.rglob("*")]:
+        info = path.lstat()
+        assert stat.S_IMODE(info.st_mode) & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | 0o022) == 0, path
+        assert (info.st_uid, info.st_gid) == (os.getuid(), os.getgid()), path
+
+
+@pytest.mark.parametrize("make", [hostile_modes_tar, hostile_modes_zip], ids=["tar", "zip"])
+def test_extracted_files_get_safe_modes_and_the_running_user(tmp_path, make):
+    archive = make(tmp_path / ("modes.tar.gz" if make is hostile_modes_tar else "modes.zip"))
+    prepare(archive, tmp_path / "data")
+    assert (tmp_path / "data" / FOLDER / "cats" / "setuid.bin").read_text() == "x"
+    assert_safe(tmp_path / "data" / FOLDER)
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="needs the zstd program")
+def test_format_python_cannot_read_is_checked_after_patool(tmp_path, caplog):
+    """A .tar.zst goes to patool (GNU tar, which keeps modes and, as root, owners): the tree it
+    wrote gets the same treatment as what Python extracts."""
+    plain = hostile_modes_tar(tmp_path / "modes.tar.gz")
+    inside = tmp_path / "modes.tar"
+    inside.write_bytes(gzip.decompress(plain.read_bytes()))
+    with tarfile.open(inside, "a") as tar:
+        tar.addfile(member(f"{FOLDER}/cats/again.bin", tarfile.SYMTYPE, "setuid.bin"))
+        tar.addfile(member(f"{FOLDER}/cats/more.bin"), io.BytesIO(b"y"))
+    archive = tmp_path / "modes.tar.zst"
+    subprocess.run(["zstd", "-q", str(inside), "-o", str(archive)], check=True)
+    with caplog.at_level(logging.INFO, logger="caltech_cli"):
+        prepare(archive, tmp_path / "data")
+    assert (tmp_path / "data" / FOLDER / "cats" / "setuid.bin").read_text() == "x"
+    assert_safe(tmp_path / "data" / FOLDER)
+    assert no_links_under(tmp_path / "data") and "Left out 1 symbolic links" in caplog.text
+
+    with tarfile.open(inside, "a") as tar:
+        tar.addfile(member(f"{FOLDER}/cats/escape", tarfile.SYMTYPE, "../../../.."))
+    evil = tmp_path / "evil.tar.zst"
+    subprocess.run(["zstd", "-q", str(inside), "-o", str(evil)], check=True)
+    with pytest.raises(CaltechError, match="'101_ObjectCategories/cats/escape' is a symbolic link"):
+        prepare(evil, tmp_path / "data2")
+    with pytest.raises(CaltechError, match="2 files .*over the limit"):
+        prepare(archive, tmp_path / "data3", max_extract_files=1)
+
+
+def test_hard_link_inside_becomes_a_copy(tmp_path):
+    archive = tar_gz(tmp_path / "linked.tar.gz", (member(f"{FOLDER}/cats/a.txt"), b"same"),
+                     (member(f"{FOLDER}/dogs/b.txt", tarfile.LNKTYPE, f"{FOLDER}/cats/a.txt"), None))
+    prepare(archive, tmp_path / "data")
+    copy = tmp_path / "data" / FOLDER / "dogs" / "b.txt"
+    assert copy.read_text() == "same" and copy.stat().st_nlink == 1
+
+
+@pytest.fixture
+def no_programs(tmp_path, monkeypatch):
+    """A PATH with no archive programs on it (patool caches where it found programs)."""
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    sources.patoolib.util.find_program.cache_clear()
+    yield
+    sources.patoolib.util.find_program.cache_clear()
+
+
+def test_missing_extractor_program_is_named(tmp_path, no_programs):
+    archive = tmp_path / "photos.rar"
+    archive.write_bytes(b"Rar!\x1a\x07\x01\x00" + bytes(64))
+    with pytest.raises(CaltechError) as error:
+        ImageFolderDataModule(str(archive), data_dir=str(tmp_path / "data"), num_workers=0).prepare_data()
+    message = str(error.value)
+    assert "photos.rar" in message and "unrar" in message and "7z" in message and "Fix: install" in message
+    assert "\n" not in message
+
+
+def test_folder_of_the_user_in_the_way_is_never_deleted(tmp_path):
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("photos/cats/a.txt", "new")
+    data_dir = tmp_path / "data"
+    mine = data_dir / "photos" / "my-notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("the user's own")
+    with pytest.raises(CaltechError, match=r"photos is in the way: .*not extracted by caltech.*Fix: move it away"):
+        ImageFolderDataModule(str(archive), data_dir=str(data_dir), num_workers=0).prepare_data()
+    assert mine.read_text() == "the user's own"
+    assert not list(data_dir.glob(".extracting-*"))
+
+
+def test_earlier_extraction_of_another_source_is_replaced(tmp_path):
+    """What this tool extracted itself (it has a marker) is replaced when the source changes."""
+    folders = []
+    for version in ("one", "two"):
+        (tmp_path / version).mkdir()
+        archive = tmp_path / version / "photos.zip"
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr(f"photos/cats/{version}.txt", version)
+        data = ImageFolderDataModule(str(archive), data_dir=str(tmp_path / "data"), num_workers=0)
+        data.prepare_data()
+        folders.append(sorted(p.name for p in data.root.rglob("*.txt")))
+        assert sources.extracted_from(data.root) == str(archive)
+    assert folders == [["one.txt"], ["two.txt"]]
+
+
+def damaged(archive: Path, how: str, into: Path) -> Path:
+    data = archive.read_bytes()
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:  # bytes overwritten in the middle, as a bad copy leaves them
+        middle = len(data) // 2
+        data = data[:middle] + bytes(range(256)) * 4 + data[middle + 1024:]
+    path = into / archive.name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+@pytest.mark.parametrize("which", ["tar_archive", "nested_zip"])
+def test_damaged_archive_is_named(request, tmp_path, which, how):
+    archive = damaged(request.getfixturevalue(which), how, tmp_path)
+    with pytest.raises(CaltechError, match=rf"{archive.name}.* is damaged or incomplete .*Fix: download it again"):
+        prepare(archive, tmp_path / "data")
+    assert not (tmp_path / "data" / FOLDER).exists()
+
+
+def test_interrupted_download_is_one_error_line(tar_archive, tmp_path):
+    archive = damaged(tar_archive, "truncated", tmp_path)
+    result = run_caltech("fit", *small_run(tmp_path, str(archive)), "--trainer.logger", "false", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("caltech: error:")]
+    assert len(errors) == 1 and str(archive) in errors[0] and "download it again" in errors[0]
+    assert "Traceback" not in result.stderr
 
 
 class CreatesFile:
@@ -216,3 +466,30 @@ def test_ctrl_c_during_fit_saves_a_checkpoint(tar_archive, tmp_path):
     _, output = interrupted_fit(tar_archive, tmp_path, signal.SIGINT)
     assert "graceful shutdown" in output, output[-2000:]
     assert (tmp_path / "runs" / "checkpoints" / "last.ckpt").is_file(), output[-2000:]
+
+
+def test_image_that_fails_in_training_is_skipped_with_the_option(tmp_path):
+    """The scan passes a PNG whose checksums were made to fit; it fails to decode in the first
+    backbone pass. Without --data.skip_bad_images one line names it and the option, which (as the
+    second run shows) does help: with it the run goes on and counts the file."""
+    rng = np.random.default_rng(3)
+    for split, count in (("train", 4), ("val", 2), ("test", 1)):
+        for kind in CLASSES:
+            folder = tmp_path / "photos" / split / kind
+            folder.mkdir(parents=True)
+            for i in range(count):
+                draw(kind, rng).save(folder / f"{i}.jpg")
+    bad = damaged_png(tmp_path / "photos" / "train" / "circles" / "bad.png", checksum_intact=True)
+    options = [*small_run(tmp_path, str(tmp_path / "photos")), "--trainer.logger", "false", "--trainer.max_epochs", "1"]
+
+    stopping = run_caltech("fit", *options, cwd=tmp_path)
+    assert stopping.returncode == 2, stopping.stderr[-3000:]
+    errors = [line for line in stopping.stderr.splitlines() if line.startswith("caltech: error:")]
+    assert len(errors) == 1 and f"cannot read image {bad}" in errors[0] and "--data.skip_bad_images true" in errors[0]
+    assert "Traceback" not in stopping.stderr
+
+    skipping = run_caltech("fit", *options, "--data.skip_bad_images", "true", cwd=tmp_path)
+    assert skipping.returncode == 0, skipping.stderr[-3000:]
+    assert f"Skipping {bad}, which cannot be read" in skipping.stderr
+    assert f"Skipped 1 image files that could not be read (the next image of the class took each one's place): {bad}" \
+        in skipping.stderr
