@@ -253,8 +253,9 @@ def write_top_losses(
         writer.writerow(["rank", "path", "truth", "prediction", "probability", "probability_of_truth", "loss"])
         for rank, i in enumerate(items, 1):
             pred, true = int(probs[i].argmax()), int(labels[i])
-            writer.writerow([rank, files[i], names[true], names[pred], f"{float(probs[i, pred]):.6f}",
-                             f"{float(probs[i, true]):.6f}", f"{float(item_losses[i]):.6f}"])
+            # Significant digits: a confident mistake's probability of the truth can be 1e-12.
+            numbers = (probs[i, pred], probs[i, true], item_losses[i] + 0.0)  # + 0.0: no "-0" for a loss of 0
+            writer.writerow([rank, files[i], names[true], names[pred], *(f"{float(x):.6g}" for x in numbers)])
 
 
 def write_confused_pairs(
@@ -287,6 +288,7 @@ def draw_top_losses(
     path: Path, columns: int = 6,
 ) -> None:
     """The top-loss test images, highest first, titled with prediction, truth, probabilities and loss."""
+    columns = max(1, min(columns, len(items)))
     rows = max(1, -(-len(items) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 2.4, rows * 3.0), squeeze=False, layout="constrained")
     for ax in axes.flat:
