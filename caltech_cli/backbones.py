@@ -1,8 +1,17 @@
-"""Resolve a torchvision backbone, its weights and its preprocessing from names.
+"""Resolve a backbone (torchvision's or timm's), its weights and its preprocessing from names.
 
 Everything about "which network, which weights, which input statistics" is decided here, in
 one place, so the model and the data module cannot disagree: the preprocessing travels with
 the weights it belongs to.
+
+A name ``timm/<model>.<tag>`` (``timm/vit_small_patch14_dinov2.lvd142m``) is built by timm,
+with the preprocessing of its pretrained config (input size, mean, std, interpolation,
+``crop_pct``). Its weights (``pretrained``) are the ones timm keeps on the Hugging Face Hub under
+the same name, looked for offline first as well:
+
+1. the Hugging Face cache (``$HF_HUB_CACHE``, by default ``~/.cache/huggingface/hub``), read
+   without any request to the network;
+2. the Hub's download, unless ``HF_HUB_OFFLINE`` is set.
 
 Weights named like torchvision's (``IMAGENET1K_V1``) are looked for in a fixed order, offline
 sources first, because most of our users train on machines without a reliable network:
@@ -18,10 +27,11 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
@@ -31,6 +41,9 @@ from torchvision.transforms import InterpolationMode
 
 from caltech_cli.errors import CaltechError
 from caltech_cli.sources import file_digest
+
+if TYPE_CHECKING:
+    from timm.models import PretrainedCfg
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,6 +57,14 @@ OFFLINE_PACKAGES: dict[str, tuple[str, str, str]] = {
         "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
     ),
 }
+
+# Backbones named ``timm/<model>[.<tag>]`` come from timm; so are its weights on the Hub (``timm/<model>.<tag>``).
+TIMM_PREFIX = "timm/"
+# Weights names that mean "the pretrained weights of the named timm model".
+TIMM_PRETRAINED = ("pretrained", "DEFAULT")
+# The files timm keeps its weights in on the Hub, the one that cannot run code first.
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHTS_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin", ".safetensors"}
 
 
 @dataclass(frozen=True)
@@ -90,17 +111,74 @@ def _torchvision_weights(backbone: str, weights: str) -> models.WeightsEnum:
 
 
 def _looks_like_path(weights: str) -> bool:
-    return Path(weights).suffix in {".pth", ".pt", ".ckpt", ".bin"} or "/" in weights or Path(weights).exists()
+    return Path(weights).suffix in WEIGHTS_SUFFIXES or "/" in weights or Path(weights).exists()
+
+
+def is_timm(backbone: str) -> bool:
+    return backbone.startswith(TIMM_PREFIX)
+
+
+def _timm_config(backbone: str) -> PretrainedCfg:
+    """timm's pretrained config of ``timm/<model>[.<tag>]`` (its default tag without one)."""
+    import timm  # here, not at the top: its imports cost seconds that torchvision backbones do not need
+
+    name = backbone.removeprefix(TIMM_PREFIX)
+    architecture, _, tag = name.partition(".")
+    if not timm.is_model(architecture):
+        close = difflib.get_close_matches(architecture.lower(), timm.list_models(), n=5, cutoff=0.5)
+        raise CaltechError(
+            f"model.backbone {backbone!r} is not a timm model. Fix: use timm/<one of timm.list_models()>"
+            + (f", e.g. {', '.join(TIMM_PREFIX + c for c in close)}." if close else ".")
+        )
+    try:
+        config = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag
+        config = None
+    if config is None:
+        tags = timm.list_pretrained(f"{architecture}.*") or [architecture]
+        raise CaltechError(
+            f"model.backbone {backbone!r}: timm has no pretrained config {tag!r} for {architecture}. "
+            f"Fix: use one of {', '.join(TIMM_PREFIX + t for t in tags[:10])}."
+        )
+    return config
+
+
+def _timm_preprocessing(config: PretrainedCfg) -> Preprocessing:
+    """timm's evaluation transform as ours: resize the shorter side to ``size / crop_pct``
+    (timm's rounding), centre-crop ``size``, its mean, std and interpolation."""
+    from timm.data import DEFAULT_CROP_PCT
+
+    size = int(config.input_size[-1])
+    return Preprocessing(
+        crop_size=size,
+        resize_size=math.floor(size / (config.crop_pct or DEFAULT_CROP_PCT)),
+        mean=tuple(config.mean),
+        std=tuple(config.std),
+        interpolation=config.interpolation or "bicubic",
+    )
+
+
+def _check_timm_weights(backbone: str, weights: str | None) -> None:
+    if weights is not None and weights not in TIMM_PRETRAINED and not _looks_like_path(weights):
+        raise CaltechError(
+            f"model.weights {weights!r} is not a weights name of the timm backbone {backbone}. Fix: pass "
+            f"--model.weights pretrained (timm's weights of {backbone.removeprefix(TIMM_PREFIX)}, from the "
+            "Hugging Face cache or Hub), a path to a .safetensors or .pth file, or null for random weights."
+        )
 
 
 def preprocessing_for(backbone: str, weights: str | None, image_size: int | None = None) -> Preprocessing:
-    """The preprocessing that goes with ``weights`` (ImageNet's when they carry no metadata).
+    """The preprocessing that goes with ``weights`` (ImageNet's when they carry no metadata;
+    a timm model's pretrained config in any case, since its architecture fixes its input size).
 
     ``image_size`` overrides the crop size (the resize keeps torchvision's 256/224 ratio), for
     small test images or for trading accuracy for speed.
     """
     base = Preprocessing()
-    if weights is not None and not _looks_like_path(weights):
+    if is_timm(backbone):
+        _check_timm_weights(backbone, weights)
+        base = _timm_preprocessing(_timm_config(backbone))
+    elif weights is not None and not _looks_like_path(weights):
         transform = _torchvision_weights(backbone, weights).transforms()
         base = Preprocessing(
             crop_size=int(transform.crop_size[0]),
@@ -132,6 +210,14 @@ def load_safely(path: Path, what: str) -> Any:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise CaltechError(f"cannot read weights file {path}: {error}. Fix: pass a .safetensors file.") from error
     state = load_safely(path, "weights file")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -207,12 +293,98 @@ def _build_network(backbone: str) -> nn.Module:
         ) from error
 
 
+def _timm_pretrained_file(backbone: str, config: PretrainedCfg) -> Path:
+    """The file of timm's pretrained weights for ``backbone``: from the Hugging Face cache without
+    a request to the network, else downloaded from the Hub unless ``HF_HUB_OFFLINE`` is set."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    if not config.hf_hub_id:
+        raise CaltechError(
+            f"timm keeps the weights of {backbone} only at {config.url}, not on the Hugging Face Hub. "
+            f"Fix: download that file and pass --model.weights /path/to/{Path(urlparse(config.url or '').path).name}."
+        )
+    repo, _, revision = config.hf_hub_id.partition("@")
+    files = [config.hf_hub_filename] if config.hf_hub_filename else list(HUB_FILES)
+    for filename in files:
+        cached = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(cached, str):
+            return Path(cached)
+    url = f"https://huggingface.co/{repo}"
+    if constants.HF_HUB_OFFLINE:
+        problem = "HF_HUB_OFFLINE is set, so nothing is downloaded"
+    else:
+        problem = f"{url} has none of {', '.join(files)}"
+        for filename in files:
+            try:
+                return Path(hf_hub_download(repo, filename, revision=revision or None))
+            except RemoteEntryNotFoundError:
+                continue
+            except OSError as error:  # no route, a refused connection, an HTTP error, a full disk
+                problem = f"the download from {url} failed ({str(error).splitlines()[0][:300]})"
+                break
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    raise CaltechError(
+        f"cannot get the weights of {backbone}: not in the Hugging Face cache ({folder}), and {problem}. "
+        f"Fix: on a machine with internet run `hf download {repo} {files[0]}` and copy its "
+        f"~/.cache/huggingface/hub/{folder.name} to {folder}, or download {url}/resolve/main/{files[0]} "
+        "and pass --model.weights /path/to/that/file, or --model.weights null to train from scratch."
+    )
+
+
+def _resolve_timm(backbone: str, weights: str | None, image_size: int | None) -> Backbone:
+    """Build a timm model without its classifier, with timm's pretrained weights, a file, or none.
+
+    The weights are read here (safetensors, or ``torch.load`` with ``weights_only``) and handed to
+    timm, which adapts them as it does its own downloads (its checkpoint filter converts original
+    checkpoints, such as Meta's DINOv2 files). The model is built with the classifier the file
+    holds, if any, so that every weight must fit (strictly), and the classifier is removed after.
+    With ``image_size`` a ViT's position embeddings are resampled to it (timm's
+    ``set_input_size``); convolutional networks take any size as they are.
+    """
+    import timm
+
+    _check_timm_weights(backbone, weights)
+    config = _timm_config(backbone)
+    state = None
+    if weights is not None:
+        path = Path(weights) if _looks_like_path(weights) else _timm_pretrained_file(backbone, config)
+        state = _read_state_dict(path)
+    classifiers = (config.classifier,) if isinstance(config.classifier, str) else tuple(config.classifier or ())
+    with_classifier = state is not None and bool(classifiers) and all(f"{c}.weight" in state for c in classifiers)
+    num_classes = config.num_classes if with_classifier else 0
+    try:
+        network = timm.create_model(
+            backbone.removeprefix(TIMM_PREFIX),
+            pretrained=state is not None,
+            num_classes=num_classes,
+            # The config's class count says what the state holds, so timm loads strictly (it
+            # loads leniently when they differ, and weights of another network would pass).
+            pretrained_cfg_overlay=None if state is None else {"state_dict": state, "num_classes": num_classes},
+        )
+    except (RuntimeError, KeyError, ValueError) as error:
+        first = str(error).splitlines()[:3]
+        raise CaltechError(
+            f"the weights {weights} do not fit backbone {backbone}: {' '.join(first)[:500]}. "
+            f"Fix: pass weights saved from timm's {backbone.removeprefix(TIMM_PREFIX)}."
+        ) from error
+    network.pretrained_cfg.pop("state_dict", None)  # timm keeps the config; not a second copy of the weights
+    network.reset_classifier(0)
+    if image_size is not None and image_size != config.input_size[-1] and hasattr(network, "set_input_size"):
+        network.set_input_size(img_size=image_size)
+    num_features = getattr(network, "head_hidden_size", None) or network.num_features
+    return Backbone(network, num_features, preprocessing_for(backbone, weights, image_size))
+
+
 def resolve_backbone(backbone: str, weights: str | None, image_size: int | None = None) -> Backbone:
-    """Build ``backbone`` with ``weights`` (torchvision name, file path, or None for random).
+    """Build ``backbone`` with ``weights`` (torchvision name, file path, or None for random; for a
+    ``timm/`` backbone ``pretrained`` instead of a torchvision name).
 
     The ImageNet classifier is removed, so the returned module outputs pooled features whose
     width is read from the network itself, never hard-coded.
     """
+    if is_timm(backbone):
+        return _resolve_timm(backbone, weights, image_size)
     network = _build_network(backbone)
     if weights is not None:
         if _looks_like_path(weights):

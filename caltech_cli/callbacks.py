@@ -20,7 +20,6 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from caltech_cli import report
-from caltech_cli.images import load_rgb
 
 TOP_K = 5
 HISTORY = "history.csv"
@@ -196,19 +195,33 @@ class TestReport(Callback):
 
     Files in ``output``: ``metrics.json`` (the printed test metrics), ``per_class.csv``
     (support, accuracy, precision, recall, average precision), ``confusion_matrix.png``,
-    ``pr_curves.png`` and ``predictions.png`` (a fixed sample of test images with predicted and
-    true labels). To W&B: ``wandb.plot.pr_curve``, ``wandb.plot.confusion_matrix`` and the PNGs.
+    ``pr_curves.png``, ``predictions.png`` (a fixed sample of test images with predicted and
+    true labels), and the mistakes in view, as fastai's ``plot_top_losses`` and ``most_confused``
+    show them: ``top_losses.png`` and ``.csv`` (the test images with the highest loss, with
+    prediction, truth, their probabilities and the loss) and ``most_confused.png`` and ``.csv``
+    (the most frequent true -> predicted pairs among the mistakes, with examples). To W&B:
+    ``wandb.plot.pr_curve``, ``wandb.plot.confusion_matrix``, the PNGs, and the top-loss images
+    one by one with their captions (``test/top_losses``).
 
     Args:
         output: Folder of the report; null means ``<trainer.default_root_dir>/report``.
         samples: Test images shown in ``predictions.png``.
         seed: Chooses those images.
+        top_losses: Test images in ``top_losses.png`` (and W&B's ``test/top_losses``).
+        confused_pairs: Class pairs in ``most_confused.png``.
+        confused_examples: Example images of each pair.
     """
 
-    def __init__(self, output: str | None = None, samples: int = 24, seed: int = 0) -> None:
+    def __init__(
+        self, output: str | None = None, samples: int = 24, seed: int = 0, top_losses: int = 18,
+        confused_pairs: int = 8, confused_examples: int = 5,
+    ) -> None:
         self.output = output
         self.samples = samples
         self.seed = seed
+        self.top_losses = top_losses
+        self.confused_pairs = confused_pairs
+        self.confused_examples = confused_examples
         self._probs: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
 
@@ -236,13 +249,27 @@ class TestReport(Callback):
         report.draw_confusion_matrix(probs, labels, names, pictures[0])
         report.draw_pr_curves(probs, labels, names, pictures[1], rows)
         files = getattr(getattr(trainer.datamodule, "test_set", None), "files", None)
+        worst: list[int] = []
         if files is not None and len(files) == len(labels):
             chosen = _fixed_sample(len(files), self.samples, self.seed)
             pictures.append(folder / "predictions.png")
             report.draw_prediction_grid([files[i] for i in chosen], probs[chosen], labels[chosen], names, pictures[-1])
+            worst = report.top_losses(probs, labels, self.top_losses)
+            report.write_top_losses(files, probs, labels, names, worst, folder / "top_losses.csv")
+            pictures.append(folder / "top_losses.png")
+            report.draw_top_losses(files, probs, labels, names, worst, pictures[-1])
+            pairs = report.confused_pairs(probs, labels, self.confused_pairs)
+            report.write_confused_pairs(files, labels, names, pairs, folder / "most_confused.csv")
+            pictures.append(folder / "most_confused.png")
+            report.draw_confused_pairs(files, probs, labels, names, pairs, pictures[-1], self.confused_examples)
         for logger in _wandb_loggers(trainer):
             import wandb
 
+            mistakes = [
+                wandb.Image(report.thumbnail(files[i], 256, square=True),
+                            caption=report.mistake_caption(probs[i], int(labels[i]), names))
+                for i in worst
+            ]
             logger.experiment.log(
                 {
                     "test/pr_curve": wandb.plot.pr_curve(labels.tolist(), probs.tolist(), labels=list(names)),
@@ -250,24 +277,30 @@ class TestReport(Callback):
                         y_true=labels.tolist(), preds=probs.argmax(dim=1).tolist(), class_names=list(names)
                     ),
                     **{f"test/report/{p.stem}": wandb.Image(str(p)) for p in pictures},
+                    **({"test/top_losses": mistakes} if mistakes else {}),
                 }
             )
         rank_zero_info(f"Wrote the test report to {folder}: {', '.join(p.name for p in sorted(folder.iterdir()))}")
 
 
 class WandbValidationSamples(Callback):
-    """At the end of each validation, log to W&B a table of a fixed sample of validation images
-    with their predicted and true labels (the tutorial's prediction-image callback).
+    """At the end of each validation, log to W&B a fixed sample of validation images with their
+    predicted and true labels (the tutorial's prediction-image callback): as a table
+    (``val/samples``), and as the images themselves, captioned with prediction, probability and
+    truth (``val/sample_images``). An offline run keeps only the second as image files (wandb
+    leaves images inside tables out of offline runs, wandb/wandb#4611), so the pictures are
+    there after ``wandb sync`` too.
 
     Args:
-        samples: Validation images in the table.
+        samples: Validation images logged.
         seed: Chooses those images; the same ones in every epoch, so epochs compare.
     """
 
     def __init__(self, samples: int = 16, seed: int = 0) -> None:
         self.samples = samples
         self.seed = seed
-        self._thumbnails: list[Any] = []
+        self._thumbnails: list[Image.Image] = []
+        self._cells: list[Any] = []  # the table's wandb.Image of each, made once
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loggers = _wandb_loggers(trainer)
@@ -278,7 +311,8 @@ class WandbValidationSamples(Callback):
 
         chosen = _fixed_sample(len(images), self.samples, self.seed)
         if not self._thumbnails:
-            self._thumbnails = [wandb.Image(self._thumbnail(images.files[i])) for i in chosen]
+            self._thumbnails = [report.thumbnail(images.files[i], 128, square=True) for i in chosen]
+            self._cells = [wandb.Image(thumb) for thumb in self._thumbnails]
         # The validation loader's own items: cached features when the backbone is cached, else images.
         source = trainer.val_dataloaders.dataset
         inputs = torch.stack([source[i][0] for i in chosen]).to(pl_module.device)
@@ -286,17 +320,14 @@ class WandbValidationSamples(Callback):
             probs = pl_module(inputs).softmax(dim=1).cpu()
         names = pl_module.class_names
         rows = [
-            [thumb, names[int(p.argmax())], names[images.labels[i]], float(p.max()), trainer.current_epoch]
-            for thumb, i, p in zip(self._thumbnails, chosen, probs)
+            [names[int(p.argmax())], names[images.labels[i]], float(p.max()), trainer.current_epoch]
+            for i, p in zip(chosen, probs)
         ]
+        captions = [f"{pred} ({probability:.0%}), truth: {truth}" for pred, truth, probability, _ in rows]
         for logger in loggers:
-            logger.log_table("val/samples", columns=["image", "prediction", "truth", "probability", "epoch"], data=rows)
-
-    @staticmethod
-    def _thumbnail(path: Path) -> Image.Image:
-        image = load_rgb(path, min_size=128)
-        image.thumbnail((128, 128))
-        return image
+            logger.log_table("val/samples", columns=["image", "prediction", "truth", "probability", "epoch"],
+                             data=[[cell, *row] for cell, row in zip(self._cells, rows)])
+            logger.log_image("val/sample_images", list(self._thumbnails), caption=captions)
 
 
 class WandbSaveConfig(SaveConfigCallback):

@@ -112,6 +112,9 @@ def _export_onnx(network: nn.Module, example: torch.Tensor, output: Path, info: 
 def _export_torchscript(network: nn.Module, example: torch.Tensor, output: Path, info: dict[str, Any]) -> None:
     with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export, but asked for
         warnings.simplefilter("ignore", FutureWarning)
+        # Python conditions on shapes (timm's ViTs have some) are traced for this image size, the
+        # only one the file takes; a batch-size dependence would show in export's check.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(network, example)
         torch.jit.save(traced, str(output), _extra_files={METADATA_FILE: json.dumps(info)})
 

@@ -50,10 +50,20 @@ COPIED_SCHEDULER_LISTS = ("lr_lambdas",)
 def backbone_blocks(backbone: nn.Module) -> list[list[nn.Parameter]]:
     """The backbone's parameters in blocks, input side first.
 
-    A block is one of the backbone's parts in order, with every plain ``nn.Sequential`` opened
-    into its parts: MobileNetV2's ``features`` gives its 19 stages (stem, 17 inverted residuals, last
-    conv), ResNet's ``layer1``-``layer4`` give their residual blocks after ``conv1`` and ``bn1``.
+    A timm model says its own blocks (``group_matcher``, what timm's layer-wise rate decay uses):
+    a ViT's embeddings, then each of its ``blocks`` (the final norm with the last), a ConvNeXt's
+    stem, then each block of its ``stages`` (a stage's downsampling with its first block), then its
+    head's norm. Otherwise a block is one of the backbone's parts in order, with every plain
+    ``nn.Sequential`` opened into its parts: MobileNetV2's ``features`` gives its 19 stages (stem,
+    17 inverted residuals, last conv), ResNet's ``layer1``-``layer4`` give their residual blocks
+    after ``conv1`` and ``bn1``.
     """
+    if callable(getattr(backbone, "group_matcher", None)):
+        from timm.models import group_parameters
+
+        named = dict(backbone.named_parameters())
+        groups = group_parameters(backbone, backbone.group_matcher(coarse=False))
+        return [[named[name] for name in groups[key]] for key in sorted(groups)]
     blocks: list[list[nn.Parameter]] = []
 
     def visit(module: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""The transfer-learning classifier: a torchvision backbone and one Linear head."""
+"""The transfer-learning classifier: a torchvision or timm backbone and one Linear head."""
 
 from __future__ import annotations
 
@@ -17,22 +17,27 @@ from caltech_cli.features import full_batch, warm_up
 
 
 class TransferClassifier(LightningModule):
-    """A pretrained (or random) torchvision backbone with a Linear head over its features.
+    """A pretrained (or random) torchvision or timm backbone with a Linear head over its features.
 
     The head maps the backbone's pooled features (512 for resnet18, 1280 for mobilenet_v2) to
     the classes; the backbone's own ImageNet classifier is removed, not stacked under the head.
 
     Args:
-        backbone: Any torchvision classification model name (``torchvision.models.list_models()``).
-        weights: A torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``), a path to a
-            state-dict file, or null for random weights (training from scratch).
+        backbone: Any torchvision classification model name (``torchvision.models.list_models()``),
+            or ``timm/<model>.<tag>`` for a timm model (``timm/vit_small_patch14_dinov2.lvd142m``,
+            ``timm/convnext_tiny.fb_in22k``; ``timm.list_pretrained()``).
+        weights: A torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``); for a timm backbone
+            ``pretrained`` (timm's weights of that name, from the Hugging Face cache or Hub); a
+            path to a state-dict file (``.pth``, ``.safetensors``); or null for random weights
+            (training from scratch).
         freeze_backbone: Train only the head; the backbone's parameters stay fixed and it stays
             in eval mode, so its BatchNorm statistics do not move either. With false the whole
             network trains (or, with the ``BackboneUnfreeze`` callback, the backbone joins later).
         num_classes: Number of classes; linked from the data module by the CLI.
         class_names: Class names in label order; linked from the data module by the CLI and
             saved in checkpoints, so ``test`` and ``predict`` need no training data to name them.
-        image_size: Crop size in pixels instead of the weights' own (224 for ImageNet weights).
+        image_size: Crop size in pixels instead of the weights' own (224 for ImageNet weights);
+            a timm ViT's position embeddings are resampled to it.
         channels_last: Run the backbone in channels-last memory format. On a CPU it is more
             than twice as fast for MobileNetV2 (``benchmarks/``); on a GPU it lets convolutions
             use tensor cores, best with ``--trainer.precision bf16-mixed``.

@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # files only: never needs a display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 from torchmetrics.functional.classification import (  # noqa: E402
     binary_average_precision,
     multiclass_average_precision,
@@ -188,5 +188,139 @@ def draw_prediction_grid(
     wrong = int((preds != labels).sum())
     fig.suptitle(f"Test predictions: {count - wrong} right, {wrong} wrong (red)")
     fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def losses(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each item's cross-entropy: minus the log of the probability given to its true class."""
+    truth = probs.gather(1, labels[:, None]).squeeze(1)
+    return -truth.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+
+def top_losses(probs: torch.Tensor, labels: torch.Tensor, count: int) -> list[int]:
+    """The ``count`` items with the highest loss, highest first (fastai's ``top_losses``): the
+    test images the model got most wrong, or was least sure of when it got them right."""
+    order = torch.sort(losses(probs, labels), descending=True, stable=True).indices
+    return order[:count].tolist()
+
+
+# (true class, predicted class, the items so confused)
+Pairs = list[tuple[int, int, list[int]]]
+
+
+def confused_pairs(probs: torch.Tensor, labels: torch.Tensor, count: int) -> Pairs:
+    """The ``count`` (true class, predicted class) pairs that occur most often among the mistakes
+    (fastai's ``most_confused``), each with its items, highest loss first."""
+    preds = probs.argmax(dim=1)
+    by_pair: dict[tuple[int, int], list[int]] = {}
+    for index in top_losses(probs, labels, len(labels)):
+        true, pred = int(labels[index]), int(preds[index])
+        if true != pred:
+            by_pair.setdefault((true, pred), []).append(index)
+    ranked = sorted(by_pair.items(), key=lambda item: (-len(item[1]), item[0]))
+    return [(true, pred, items) for (true, pred), items in ranked[:count]]
+
+
+def thumbnail(path: Path, size: int, square: bool = False) -> Image.Image:
+    """An image file as upright RGB, at most ``size`` pixels on its longer side; with ``square``
+    padded with white to ``size`` x ``size`` (W&B shows a list of images right only when they
+    are all the same size)."""
+    from caltech_cli.images import load_rgb
+
+    image = load_rgb(path, min_size=size)
+    if square:
+        return ImageOps.pad(image, (size, size), Image.Resampling.BILINEAR, color="white")
+    image.thumbnail((size, size), Image.Resampling.BILINEAR)
+    return image
+
+
+def mistake_caption(probs: torch.Tensor, label: int, names: Sequence[str]) -> str:
+    """``prediction (probability) / truth (its probability) / loss`` of one item."""
+    pred = int(probs.argmax())
+    loss = float(losses(probs[None], torch.tensor([label]))[0])
+    truth = f"true: {names[label]} ({float(probs[label]):.0%})"
+    return f"{names[pred]} ({float(probs[pred]):.0%})\n{truth}\nloss {loss:.2f}"
+
+
+def write_top_losses(
+    files: Sequence[Path], probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str], items: list[int], path: Path
+) -> None:
+    """The top-loss items as a table: rank, file, truth, prediction and their probabilities, loss."""
+    item_losses = losses(probs, labels)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "path", "truth", "prediction", "probability", "probability_of_truth", "loss"])
+        for rank, i in enumerate(items, 1):
+            pred, true = int(probs[i].argmax()), int(labels[i])
+            # Significant digits: a confident mistake's probability of the truth can be 1e-12.
+            numbers = (probs[i, pred], probs[i, true], item_losses[i] + 0.0)  # + 0.0: no "-0" for a loss of 0
+            writer.writerow([rank, files[i], names[true], names[pred], *(f"{float(x):.6g}" for x in numbers)])
+
+
+def write_confused_pairs(
+    files: Sequence[Path], labels: torch.Tensor, names: Sequence[str], pairs: Pairs, path: Path
+) -> None:
+    """The most confused pairs as a table: truth, prediction, how many, their share of the true
+    class, and the files (highest loss first)."""
+    support = torch.bincount(labels, minlength=len(names))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["truth", "prediction", "count", "share_of_truth", "paths"])
+        for true, pred, items in pairs:
+            writer.writerow([names[true], names[pred], len(items), f"{len(items) / int(support[true]):.6f}",
+                             ";".join(str(files[i]) for i in items)])
+
+
+def _framed(ax: plt.Axes, image: Image.Image, title: str, colour: str) -> None:
+    ax.imshow(image)
+    ax.set_title(title, fontsize=8, color=colour)
+    ax.axis("on")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(3 if colour == WRONG else 1)
+
+
+def draw_top_losses(
+    files: Sequence[Path], probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str], items: list[int],
+    path: Path, columns: int = 6,
+) -> None:
+    """The top-loss test images, highest first, titled with prediction, truth, probabilities and loss."""
+    columns = max(1, min(columns, len(items)))
+    rows = max(1, -(-len(items) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 2.4, rows * 3.0), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, items):
+        colour = WRONG if int(probs[i].argmax()) != int(labels[i]) else RIGHT
+        _framed(ax, thumbnail(files[i], 256), mistake_caption(probs[i], int(labels[i]), names), colour)
+    wrong = int((probs.argmax(dim=1) != labels).sum())
+    fig.suptitle(f"The {len(items)} test images with the highest loss, highest first "
+                 f"({wrong} of {len(labels)} test images are wrong): prediction, truth, loss")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def draw_confused_pairs(
+    files: Sequence[Path], probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str],
+    pairs: Pairs, path: Path, examples: int = 5,
+) -> None:
+    """One row per confused pair (most frequent first): the pair and its count, then examples."""
+    support = torch.bincount(labels, minlength=len(names))
+    rows = max(1, len(pairs))
+    fig, axes = plt.subplots(rows, examples + 1, figsize=((examples + 1) * 2.4, rows * 2.6 + 0.6), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    if not pairs:
+        axes[0, 0].text(0, 0.5, "No mistakes on the test set.", fontsize=12, va="center")
+    for row, (true, pred, items) in zip(axes, pairs):
+        row[0].text(0, 0.5, f"true: {names[true]}\npredicted: {names[pred]}\n{len(items)} of the {int(support[true])} "
+                    f"{names[true]}\nimages ({len(items) / int(support[true]):.0%})", fontsize=10, va="center", ha="left")
+        for ax, i in zip(row[1:], items[:examples]):
+            _framed(ax, thumbnail(files[i], 256), f"{names[pred]} ({float(probs[i, pred]):.0%})", WRONG)
+    fig.suptitle("Most confused classes (true → predicted), most frequent first, examples with the highest loss")
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -20,7 +20,9 @@ FINETUNE = str(REPO / "configs" / "finetune.yaml")
 
 @pytest.mark.parametrize(
     ("network", "count"),
-    [("mobilenet_v2", 19), ("resnet18", 10)],  # 19 stages; conv1, bn1, 8 basic blocks
+    # 19 stages; conv1, bn1, 8 basic blocks; timm's own groups: a ViT's embeddings and its 6
+    # blocks, a ConvNeXt's stem, its 9 blocks (downsampling with the stage's first) and head norm.
+    [("mobilenet_v2", 19), ("resnet18", 10), ("timm/test_vit.r160_in1k", 7), ("timm/test_convnext.r160_in1k", 11)],
 )
 def test_blocks_cover_every_parameter_once(network, count):
     module = resolve_backbone(network, None).module

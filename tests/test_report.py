@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
-from conftest import CLASSES, SCRATCH, draw, printed_metrics, run_caltech, small_run
+from conftest import CLASSES, SCRATCH, TRANSFER, draw, printed_metrics, run_caltech, small_run
 from PIL import Image
 
-REPORT_FILES = {"metrics.json", "per_class.csv", "confusion_matrix.png", "pr_curves.png", "predictions.png"}
+REPORT_FILES = {"metrics.json", "per_class.csv", "confusion_matrix.png", "pr_curves.png", "predictions.png",
+                "top_losses.png", "top_losses.csv", "most_confused.png", "most_confused.csv"}
 
 
 def test_test_writes_a_report(trained_run):
     report = trained_run.runs / "report"
     assert {p.name for p in report.iterdir()} == REPORT_FILES
-    for picture in REPORT_FILES - {"metrics.json", "per_class.csv"}:
+    for picture in (name for name in REPORT_FILES if name.endswith(".png")):
         with Image.open(report / picture) as image:
             assert image.format == "PNG" and min(image.size) > 300
     saved = json.loads((report / "metrics.json").read_text())
@@ -154,3 +156,121 @@ def test_prediction_rows_are_on_disk_before_the_run_ends(tmp_path):
     assert [(r["path"], r["class"]) for r in rows] == [("0.jpg", "a"), ("1.jpg", "b")]
     writer.on_exception(trainer, module, KeyboardInterrupt())
     assert len(list(csv.DictReader(open(tmp_path / "predictions.csv")))) == 2
+
+
+def test_top_losses_and_most_confused_pairs():
+    """fastai's top_losses and most_confused: checked against a brute-force count."""
+    from itertools import product
+
+    import torch
+
+    from caltech_cli import report
+
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.randn(60, 4, generator=generator).mul(2).softmax(dim=1)
+    labels = torch.randint(0, 4, (60,), generator=generator)
+    losses = [-float(probs[i, labels[i]].log()) for i in range(60)]
+    worst = report.top_losses(probs, labels, 7)
+    assert worst == sorted(range(60), key=lambda i: -losses[i])[:7]
+    assert torch.allclose(report.losses(probs, labels), torch.nn.functional.nll_loss(
+        probs.log(), labels, reduction="none"))
+
+    preds = probs.argmax(dim=1).tolist()
+    counts = {(t, p): sum(labels[i] == t and preds[i] == p for i in range(60)) for t, p in product(range(4), repeat=2)}
+    pairs = report.confused_pairs(probs, labels, 3)
+    assert [len(items) for _, _, items in pairs] == sorted((c for (t, p), c in counts.items() if t != p), reverse=True)[:3]
+    for true, pred, items in pairs:
+        assert len(items) == counts[true, pred] and true != pred
+        assert all(labels[i] == true and preds[i] == pred for i in items)
+        assert [losses[i] for i in items] == sorted((losses[i] for i in items), reverse=True), "highest loss first"
+    no_mistakes = torch.eye(4)[labels] * 0.9 + 0.025
+    assert report.confused_pairs(no_mistakes, labels, 3) == []
+
+
+def mislabelled_folder(root, rng) -> dict[str, str]:
+    """A folder with train/, val/ and test/ whose test/ files are partly filed under the wrong
+    class: a model that knows the shapes makes known mistakes. Returns test file -> drawn shape."""
+    drawn = {}
+    for split, count in (("train", 2), ("val", 2)):
+        for kind in CLASSES:
+            (root / split / kind).mkdir(parents=True)
+            for i in range(count):
+                draw(kind, rng).save(root / split / kind / f"{i}.jpg")
+    filed = {"circles": ["stripes", "stripes", "stripes"], "squares": ["squares"] * 3,
+             "stripes": ["circles", "circles", "stripes"]}
+    for folder, kinds in filed.items():
+        (root / "test" / folder).mkdir(parents=True)
+        for i, kind in enumerate(kinds):
+            path = root / "test" / folder / f"{i}.jpg"
+            draw(kind, rng).save(path)
+            drawn[str(path)] = kind
+    return drawn
+
+
+def test_report_shows_the_truly_worst_test_images(trained_run, tmp_path):
+    """The listed top-loss images are the ones with the highest loss, recomputed here from the
+    checkpoint, in that order; the confused pairs are the mistakes counted here."""
+    import torch
+
+    from caltech_cli.images import eval_transform, load_rgb
+    from caltech_cli.model import TransferClassifier
+
+    drawn = mislabelled_folder(tmp_path / "photos", np.random.default_rng(11))
+    result = run_caltech(
+        "test", "--config", TRANSFER, "--data", "ImageFolderDataModule", "--data.root", str(tmp_path / "photos"),
+        "--data.data_dir", str(tmp_path / "data"), "--data.num_workers", "0", "--model.image_size", "64",
+        "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger", "false",
+        "--ckpt_path", str(trained_run.best), "--report.top_losses", "4", "--report.output", str(tmp_path / "report"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    model = TransferClassifier.load_from_checkpoint(trained_run.best, map_location="cpu", weights_only=True).eval()
+    files = sorted(drawn)
+    truth = [model.class_names.index(Path(f).parent.name) for f in files]
+    with torch.no_grad():
+        probs = model(torch.stack([eval_transform(model.preprocessing)(load_rgb(Path(f))) for f in files])).softmax(1)
+    losses = {f: -float(probs[i, truth[i]].log()) for i, f in enumerate(files)}
+    with open(tmp_path / "report" / "top_losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["path"] for row in rows] == sorted(files, key=lambda f: -losses[f])[:4]
+    for row in rows:
+        assert abs(float(row["loss"]) - losses[row["path"]]) < 1e-3
+        assert abs(float(row["loss"]) + np.log(float(row["probability_of_truth"]))) < 1e-4
+        assert row["truth"] == Path(row["path"]).parent.name
+
+    predicted = {f: model.class_names[int(probs[i].argmax())] for i, f in enumerate(files)}
+    assert sum(predicted[f] == drawn[f] for f in files) >= 7, "the checkpoint knows the shapes"
+    mistakes: dict[tuple[str, str], int] = {}
+    for f in files:
+        if predicted[f] != Path(f).parent.name:
+            mistakes[Path(f).parent.name, predicted[f]] = mistakes.get((Path(f).parent.name, predicted[f]), 0) + 1
+    with open(tmp_path / "report" / "most_confused.csv") as f:
+        pairs = list(csv.DictReader(f))
+    assert {(row["truth"], row["prediction"]): int(row["count"]) for row in pairs} == mistakes
+    assert [int(row["count"]) for row in pairs] == sorted(mistakes.values(), reverse=True)
+    assert ("circles", "stripes") in mistakes and ("stripes", "circles") in mistakes
+    with Image.open(tmp_path / "report" / "most_confused.png") as image:
+        assert image.size[1] >= 2 * 240, "a row for each confused pair"
+
+
+def test_wandb_offline_runs_keep_the_pictures_as_files(trained_run):
+    """In an offline run, wandb leaves the images in a table out (wandb/wandb#4611); the
+    validation samples and the test's top losses are logged as images too, so their files are in
+    the run folder, which is what `wandb sync` uploads."""
+    fit_run, test_run = sorted(trained_run.runs.glob("wandb/offline-run-*"))[:2]
+    samples = sorted((fit_run / "files" / "media" / "images" / "val").glob("sample_images_*.png"))
+    steps = [path.name.split("_")[2] for path in samples]
+    table = json.loads(next((fit_run / "files" / "media" / "table").rglob("samples_*.table.json")).read_text())
+    assert len(set(steps)) == 4, "one set per validation of the 4 epochs"
+    assert all(steps.count(step) == len(table["data"]) for step in steps), "every image of the table, as a file"
+    for path in samples[:3]:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size == (128, 128)
+    records = next(fit_run.glob("run-*.wandb")).read_bytes()
+    assert b"truth: " in records and b"val/sample_images" in records, "captioned"
+
+    worst = sorted((test_run / "files" / "media" / "images" / "test").glob("top_losses_*.png"))
+    assert len(worst) == 9, "every test image (9 < 18) as a captioned image"
+    assert any((test_run / "files" / "media" / "images" / "test" / "report").glob("most_confused_*.png"))
+    assert b"loss " in next(test_run.glob("run-*.wandb")).read_bytes()
