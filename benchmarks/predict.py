@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from caltech_cli.data import default_num_workers  # noqa: E402
 from caltech_cli.images import UnlabelledImages, eval_transform, find_images  # noqa: E402
-from caltech_cli.model import TransferClassifier  # noqa: E402
+from caltech_cli.export import load_for_export  # noqa: E402
 
 CONFIG = REPO / "configs" / "transfer.yaml"
 
@@ -48,8 +48,9 @@ def predict(ckpt: Path, folder: Path, work: Path) -> float:
 
 
 def plain(ckpt: Path, files: list[Path], batch_size: int) -> float:
-    model = TransferClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
-    pre = model.preprocessing
+    # Not LightningModule.load_from_checkpoint: it honours a checkpoint's `_instantiator` (CVE-2026-58659).
+    model, pre = load_for_export(ckpt)
+    model.backbone.to(memory_format=torch.channels_last)
     dataset = UnlabelledImages(files, eval_transform(pre), pre.crop_size, pre.resize_size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=default_num_workers())
     start = time.perf_counter()

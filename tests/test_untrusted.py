@@ -62,6 +62,7 @@ def options(tmp_path: Path, source: Path | str, *more: str) -> list[str]:
     ("bad", "says"),
     [
         (["--data.batch_size", "0"], "data.batch_size 0"),
+        (["--data.feature_batch_size", "0"], "data.feature_batch_size 0"),
         (["--data.num_workers", "-1"], "data.num_workers -1"),
         (["--data.split", "[70, -10, 40]"], "data.split [70.0, -10.0, 40.0]"),
         (["--model.image_size", "0"], "model.image_size 0"),
@@ -72,7 +73,7 @@ def options(tmp_path: Path, source: Path | str, *more: str) -> list[str]:
         (["--trainer.max_epochs", "x"], "--trainer.max_epochs x: expected int"),
         (["--data.batch_sise", "8"], "--data.batch_sise is not an option"),
     ],
-    ids=["batch_size", "num_workers", "split", "image_size", "crop_scale", "lr", "cache_views", "not-a-number",
+    ids=["batch_size", "feature_batch_size", "num_workers", "split", "image_size", "crop_scale", "lr", "cache_views", "not-a-number",
          "trainer-type", "typo"],
 )
 def test_a_bad_value_is_one_line(image_folder, tmp_path, capsys, bad, says):
@@ -285,6 +286,22 @@ def test_output_paths_that_cannot_be_written(trained_run, tmp_path, capsys):
     assert blocker.read_text() == "the user's file\n"
 
 
+@pytest.mark.parametrize("option", ["trainer.default_root_dir", "data.cache_dir", "report.output", "compare"])
+def test_output_folder_that_is_a_file_is_refused(trained_run, tmp_path, capsys, option):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("the user's file\n")
+    if option == "compare":
+        args = ["compare", str(trained_run.runs), "--output", str(blocker)]
+        option = "output"
+    else:
+        command = "test" if option == "report.output" else "fit"
+        args = [command, *options(tmp_path, trained_run.source), f"--{option}", str(blocker)]
+        args += ["--ckpt_path", str(trained_run.best)] if command == "test" else []
+    line = one_error(*caltech(*args, capsys=capsys))
+    assert f"{option}: {blocker} cannot be made a folder (a file is in its way)" in line
+    assert blocker.read_text() == "the user's file\n"
+
+
 def test_a_runs_files_are_all_in_its_folder(trained_run):
     """The configs name no logger folder: W&B, config.yaml and checkpoints follow default_root_dir."""
     runs = trained_run.runs
@@ -373,6 +390,14 @@ def test_compare_on_a_damaged_history_is_one_line(tmp_path, capsys, content, say
     run = write_history(tmp_path / "run", content)
     line = one_error(*caltech("compare", str(run), "--output", str(tmp_path / "cmp"), capsys=capsys))
     assert f"{run / 'history.csv'} is damaged" in line and says in line
+
+
+def test_compare_on_damaged_test_metrics_is_one_line(tmp_path, capsys):
+    run = write_history(tmp_path / "run", "epoch,val/acc\n0,0.5\n")
+    (run / "report").mkdir()
+    (run / "report" / "metrics.json").write_text('{"test/acc": 0.9')
+    line = one_error(*caltech("compare", str(run), "--output", str(tmp_path / "cmp"), capsys=capsys))
+    assert f"{run / 'report' / 'metrics.json'} is damaged" in line
 
 
 # -- interruptions --------------------------------------------------------------------------------
