@@ -64,7 +64,8 @@ def _one_line(message: str) -> str:
         if nested is None:
             break
         inner = lines[nested + 1 :]
-        lines = inner[: next((i for i, line in enumerate(inner) if _indent(line) <= _indent(lines[nested])), len(inner))]
+        end = next((i for i, line in enumerate(inner) if _indent(line) <= _indent(lines[nested])), len(inner))
+        lines = inner[:end]
     block = "\n".join(lines)
     option = f"--{'.'.join(keys)}"
     unknown = re.search(r"Option '([^']+)' is not accepted", block)
@@ -172,8 +173,9 @@ class CaltechCLI(LightningCLI):
             )
 
     def before_instantiate_classes(self) -> None:
-        """Everything of a run goes under trainer.default_root_dir: a logger without a save_dir
-        writes there too (its wandb/ folder, checkpoints and config.yaml)."""
+        """Everything of a run goes under trainer.default_root_dir, which must be a folder we can
+        write: a logger without a save_dir writes there too (its wandb/ folder, the checkpoints
+        and config.yaml)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or os.getcwd()
         writable_folder(Path(root), "trainer.default_root_dir")
@@ -233,16 +235,12 @@ def make_cli(args: ArgsType = None, run: bool = True) -> CaltechCLI:
 OTHER_COMMANDS = {"compare": compare.main, "export": export.main}
 
 
-def _caltech_error_in(error: BaseException) -> CaltechError | None:
-    """The CaltechError behind ``error``: jsonargparse wraps what a data module's ``__init__``
-    raises into its own error about the data option."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, CaltechError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+def _caltech_error_in(error: BaseException | None) -> CaltechError | None:
+    """The CaltechError behind ``error``: jsonargparse raises its own error about the data
+    option ``from`` what a data module's ``__init__`` raised."""
+    while error is not None and not isinstance(error, CaltechError):
+        error = error.__cause__
+    return error
 
 
 def main(args: list[str] | None = None) -> None:

@@ -137,7 +137,8 @@ class ImageClassificationDataModule(LightningDataModule):
             ("batch_size", batch_size, batch_size >= 1, "1 or more"),
             ("feature_batch_size", feature_batch_size, feature_batch_size is None or feature_batch_size >= 1,
              "1 or more, or null for batch_size"),
-            ("num_workers", num_workers, num_workers is None or num_workers >= 0, "0 or more, or null for one per core"),
+            ("num_workers", num_workers, num_workers is None or num_workers >= 0,
+             "0 or more, or null for one per core"),
             ("split", split, split is None or (min(split) >= 0 and sum(split) > 0),
              "three sizes of 0 or more, not all 0, like [70, 10, 20]"),
             ("crop_scale", crop_scale, 0 < crop_scale[0] <= crop_scale[1] <= 1,
@@ -274,10 +275,10 @@ class ImageClassificationDataModule(LightningDataModule):
                     f"{where} one class ({found[0]}): a classifier needs two or more. Fix: add a folder of images "
                     "for each other class, or point data.source at the whole data set."
                 )
-            unnamed = [name for name in found if printable(name) != name]
+            unnamed = ", ".join(printable(name) for name in found if printable(name) != name)
             if unnamed:
                 raise CaltechError(
-                    f"class folders under {self.root} have names that are not valid UTF-8: {', '.join(map(printable, unnamed))}. "
+                    f"class folders under {self.root} have names that are not valid UTF-8: {unnamed}. "
                     "Class names go into checkpoints, reports and W&B. Fix: rename them."
                 )
             self._class_names = found

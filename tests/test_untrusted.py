@@ -73,8 +73,8 @@ def options(tmp_path: Path, source: Path | str, *more: str) -> list[str]:
         (["--trainer.max_epochs", "x"], "--trainer.max_epochs x: expected int"),
         (["--data.batch_sise", "8"], "--data.batch_sise is not an option"),
     ],
-    ids=["batch_size", "feature_batch_size", "num_workers", "split", "image_size", "crop_scale", "lr", "cache_views", "not-a-number",
-         "trainer-type", "typo"],
+    ids=["batch_size", "feature_batch_size", "num_workers", "split", "image_size", "crop_scale", "lr", "cache_views",
+         "not-a-number", "trainer-type", "typo"],
 )
 def test_a_bad_value_is_one_line(image_folder, tmp_path, capsys, bad, says):
     line = one_error(*caltech("fit", *options(tmp_path, image_folder, *bad), capsys=capsys))
@@ -118,7 +118,8 @@ def test_gitkeep_readme_and_names_that_are_not_utf8_do_not_stop_fit(image_folder
     folder = copy_of(image_folder, tmp_path)
     (folder / "circles" / ".gitkeep").touch()
     (folder / "squares" / "README").touch()
-    shutil.copy(os.fsencode(folder / "circles" / "image_0001.jpg"), os.fsencode(folder / "circles") + b"/caf\xe9.jpg")
+    circles = os.fsencode(folder / "circles")
+    shutil.copy(circles + b"/image_0001.jpg", circles + b"/caf\xe9.jpg")
     result = run_caltech("fit", *options(tmp_path, folder), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "circles/.gitkeep" in result.stderr and "squares/README" in result.stderr, "listed as not images"
