@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 
 from common import REPO, add_device_options, autocast, caltech, device_of, device_options, precision_of, synchronize
 from caltech_cli.data import default_num_workers
-from caltech_cli.images import UnlabelledImages, eval_transform, find_images
 from caltech_cli.export import load_for_export
+from caltech_cli.images import UnlabelledImages, eval_transform, find_images
 
 CONFIG = REPO / "configs" / "transfer.yaml"
 # What `caltech predict --config configs/transfer.yaml` batches by.
@@ -47,7 +47,8 @@ def predict(ckpt: Path, folder: Path, work: Path, args) -> float:
 
 def plain(ckpt: Path, files: list[Path], args) -> float:
     device, precision = device_of(args.accelerator), precision_of(args)
-    model, pre = load_for_export(ckpt)  # the checkpoint's network, read without running code from it
+    # Not LightningModule.load_from_checkpoint: it honours a checkpoint's `_instantiator` (CVE-2026-58659).
+    model, pre = load_for_export(ckpt)
     model.to(device, memory_format=torch.channels_last)
     dataset = UnlabelledImages(files, eval_transform(pre), pre.crop_size, pre.resize_size)
     loader = DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=default_num_workers(),

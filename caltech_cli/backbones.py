@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The smallest crop every torchvision classification CNN reduces to at least one pixel (stride 32).
+MIN_IMAGE_SIZE = 32
 
 # Weight files that a pip package ships byte for byte, keyed by torchvision's file name:
 # (importable package, path inside it, sha256 of the file).
@@ -172,8 +174,15 @@ def preprocessing_for(backbone: str, weights: str | None, image_size: int | None
     a timm model's pretrained config in any case, since its architecture fixes its input size).
 
     ``image_size`` overrides the crop size (the resize keeps torchvision's 256/224 ratio), for
-    small test images or for trading accuracy for speed.
+    small test images or for trading accuracy for speed. An unknown backbone is refused here,
+    with close names, before its weights are looked up: the CLI calls this as it parses.
     """
+    known_backbone(backbone)
+    if image_size is not None and image_size < MIN_IMAGE_SIZE:
+        raise CaltechError(
+            f"model.image_size {image_size} is too small: the backbones reduce an image {MIN_IMAGE_SIZE} times. "
+            f"Fix: pass --model.image_size {MIN_IMAGE_SIZE} or more, or null for the weights' own size."
+        )
     base = Preprocessing()
     if is_timm(backbone):
         _check_timm_weights(backbone, weights)
@@ -200,13 +209,28 @@ def load_safely(path: Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CaltechError(
-            f"refusing to load {what} {path}: unpickling it would run code or build objects that are not "
-            f"tensors ({str(error).splitlines()[-1][:200]}). Nothing from it was run. Fix: load only files "
-            "from sources you trust, saved with torch.save of a state dict."
-        ) from error
+        if "GLOBAL" in str(error):  # the weights-only unpickler met a class or function to call
+            raise CaltechError(
+                f"refusing to load {what} {path}: unpickling it would run code or build objects that are not "
+                f"tensors ({_one_line(error)}). Nothing from it was run. Fix: load only files "
+                "from sources you trust, saved with torch.save of a state dict."
+            ) from error
+        raise _not_torch_file(what, path, error) from error
     except Exception as error:  # torch raises several types for unreadable files
-        raise CaltechError(f"cannot read {what} {path}: {error}. Fix: pass a file saved with torch.save.") from error
+        raise _not_torch_file(what, path, error) from error
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
+    return f"{type(error).__name__}: {detail[:200]}"
+
+
+def _not_torch_file(what: str, path: Path, error: BaseException) -> CaltechError:
+    return CaltechError(
+        f"cannot read {what} {path}: it is not a file torch.save wrote, or it is damaged ({_one_line(error)}). "
+        "Fix: pass a file saved with torch.save."
+    )
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -281,16 +305,21 @@ def _strip_classifier(network: nn.Module) -> int:
     return last.in_features
 
 
+def known_backbone(backbone: str) -> None:
+    """Refuse a name torchvision does not know, suggesting the close classification models."""
+    if backbone in models.list_models():
+        return
+    names = models.list_models(module=models)
+    close = difflib.get_close_matches(backbone.lower(), names, n=5, cutoff=0.5) or names[:10]
+    raise CaltechError(
+        f"model.backbone {backbone!r} is not a torchvision classification model. "
+        f"Fix: use one of {', '.join(close)} (all: torchvision.models.list_models())."
+    )
+
+
 def _build_network(backbone: str) -> nn.Module:
-    try:
-        return models.get_model(backbone)
-    except (KeyError, ValueError) as error:
-        names = models.list_models(module=models)
-        close = difflib.get_close_matches(backbone.lower(), names, n=5, cutoff=0.5) or names[:10]
-        raise CaltechError(
-            f"model.backbone {backbone!r} is not a torchvision classification model. "
-            f"Fix: use one of {', '.join(close)} (all: torchvision.models.list_models())."
-        ) from error
+    known_backbone(backbone)
+    return models.get_model(backbone)
 
 
 def _timm_pretrained_file(backbone: str, config: PretrainedCfg) -> Path:

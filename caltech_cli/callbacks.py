@@ -17,9 +17,10 @@ from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from caltech_cli import report
+from caltech_cli.errors import CaltechError, writable_file, writable_folder
 
 TOP_K = 5
 HISTORY = "history.csv"
@@ -64,6 +65,11 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     Lightning 2.6 writes ``last.ckpt`` only in epochs that improve the best one (the pvnet
     project ran into it too: openclimatefix/pvnet#544), which would make it a copy of the best
     and a resume would repeat epochs; here it is written at the end of every epoch.
+
+    A fit stopped by Ctrl-C, SIGTERM or an error saves where it stopped as ``last.ckpt``, the
+    file that ``fit --ckpt_path`` resumes from. Lightning's own ``save_on_exception`` names it
+    like a best checkpoint (``best-epoch01-...``, which could even replace the real best), and
+    writes nothing when the signal comes after the epoch's best checkpoint but before its last.
     """
 
     _last_saved_at_step = -1
@@ -95,13 +101,46 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         if "rng_states" in state_dict:
             set_rng_states(state_dict["rng_states"])
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fast_dev_run
+        started = trainer.global_step > 0
+        if not (self.save_on_exception and self.save_last and fitting and started):
+            return
+        if self._last_saved_at_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        reason = "SIGTERM" if trainer.received_sigterm else "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else (
+            type(exception).__name__)
+        rank_zero_info(
+            f"Stopped by {reason} in epoch {trainer.current_epoch} at step {trainer.global_step}: saved in "
+            f"{self.last_model_path}; `caltech fit --ckpt_path {self.last_model_path}` resumes from it"
+        )
+
+    @staticmethod
+    def best_link(trainer: pl.Trainer) -> Path:
+        """``<trainer.default_root_dir>/best.ckpt``, refused while something this tool did not make
+        is there: only a link to a checkpoint (the one an earlier fit made) is replaced."""
+        link = Path(trainer.default_root_dir) / "best.ckpt"
+        ours = link.is_symlink() and os.readlink(link).endswith(".ckpt")
+        if (link.exists() or link.is_symlink()) and not ours:
+            kind = "link to something else" if link.is_symlink() else "folder" if link.is_dir() else "file"
+            raise CaltechError(
+                f"{link} is in the way: fit links best.ckpt there, and this {kind} was not made by caltech, so it is "
+                "left as it is. Fix: move or rename it, or pass another --trainer.default_root_dir."
+            )
+        return link
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse before training, not after it, when best.ckpt could not be linked."""
+        super().on_fit_start(trainer, pl_module)
+        self.best_link(trainer)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         if self.best_model_path:
             score = "" if self.best_model_score is None else f" ({self.monitor}={self.best_model_score:.4f})"
             rank_zero_info(f"Best checkpoint{score}: {self.best_model_path}")
-            link = Path(trainer.default_root_dir) / "best.ckpt"
+            link = self.best_link(trainer)
             link.unlink(missing_ok=True)
             link.symlink_to(os.path.relpath(Path(self.best_model_path).resolve(), link.parent.resolve()))
             rank_zero_info(f"Linked {link} to it")
@@ -131,8 +170,12 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.path = Path(self.output) if self.output else Path(trainer.default_root_dir) / "predictions.csv"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", newline="")
+        writable_file(self.path, "predictions.output")
+        try:
+            self._file = open(self.path, "w", newline="", encoding="utf-8")
+        except OSError as error:
+            raise CaltechError(f"predictions.output {self.path} cannot be written ({error.strerror}). "
+                               "Fix: pass --predictions.output a file you can write.") from error
         self._writer = csv.writer(self._file)
         ranks = [f"{name}_{k}" for k in range(2, TOP_K + 1) for name in ("class", "probability")]
         self._writer.writerow(["path", "class", "probability", *ranks, "error"])
@@ -159,9 +202,9 @@ class PredictionWriter(BasePredictionWriter):
             cells: list[str] = []
             if not error:
                 for p, c in zip(probs[row].tolist(), ranked[row].tolist()):
-                    cells += [names[c], f"{p:.6f}"]
+                    cells += [report.text_cell(names[c]), f"{p:.6f}"]
             cells += [""] * (2 * TOP_K - len(cells))
-            self._writer.writerow([relative, *cells, error])
+            self._writer.writerow([report.text_cell(relative), *cells, report.text_cell(error)])
             self.rows += 1
             self.errors += bool(error)
         self._file.flush()
@@ -238,8 +281,8 @@ class TestReport(Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not self._probs:
             return
-        folder = Path(self.output) if self.output else Path(trainer.default_root_dir) / "report"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = writable_folder(Path(self.output) if self.output else Path(trainer.default_root_dir) / "report",
+                                 "report.output")
         probs, labels, names = torch.cat(self._probs), torch.cat(self._labels), pl_module.class_names
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         report.write_metrics(metrics, folder / "metrics.json")
@@ -341,6 +384,20 @@ class WandbSaveConfig(SaveConfigCallback):
                 logger.experiment.config.update(config, allow_val_change=True)
 
 
+def read_history(path: Path) -> list[dict[str, float]]:
+    """The rows of a ``history.csv``, epochs as ints; one clear error when it is damaged."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        return [{**row, "epoch": int(row["epoch"])} for row in rows]
+    except (ValueError, TypeError, KeyError, csv.Error, UnicodeDecodeError) as error:
+        detail = f"no {error} column" if isinstance(error, KeyError) else str(error).splitlines()[0][:120]
+        raise CaltechError(
+            f"{path} is damaged ({detail}): it is not the metrics table `caltech fit` writes. "
+            "Fix: delete it (the next `caltech fit` there writes it again), or leave that run out."
+        ) from error
+
+
 class EpochHistory(Callback):
     """Keep ``<trainer.default_root_dir>/history.csv``: one row of train and val metrics per
     epoch of the latest fit, rewritten as each epoch ends (``caltech compare`` reads it). A
@@ -365,9 +422,10 @@ class EpochHistory(Callback):
         self._rows: list[dict[str, float]] = []
         path = Path(trainer.default_root_dir) / HISTORY
         if trainer.ckpt_path and path.is_file():
-            with open(path, newline="") as f:
-                rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-            self._rows = [{**row, "epoch": int(row["epoch"])} for row in rows if row["epoch"] < trainer.current_epoch]
+            try:
+                self._rows = [row for row in read_history(path) if row["epoch"] < trainer.current_epoch]
+            except CaltechError as error:
+                rank_zero_warn(f"{str(error).split(' Fix:')[0]} It starts again from this epoch.")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After the epoch's validation too, so each row holds the same epoch's train and val metrics."""

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import signal
 import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+from jsonargparse import Namespace
 from pytorch_lightning import Trainer
 from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.optim import Optimizer
 
 from caltech_cli import compare, export
-from caltech_cli.backbones import load_safely, preprocessing_for
+from caltech_cli.backbones import preprocessing_for
 from caltech_cli.callbacks import (
     BestAndLastCheckpoint,
     EpochHistory,
@@ -26,8 +31,79 @@ from caltech_cli.callbacks import (
     WandbValidationSamples,
 )
 from caltech_cli.data import ImageClassificationDataModule
-from caltech_cli.errors import CaltechError
-from caltech_cli.model import TransferClassifier
+from caltech_cli.errors import CaltechError, writable_folder
+from caltech_cli.model import TransferClassifier, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Saved model options that decide the network a checkpoint's weights belong to; class names and
+# their number come from the data and are checked against the checkpoint when it is loaded.
+NETWORK_OPTIONS = ("backbone", "weights", "freeze_backbone", "image_size", "channels_last")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _one_line(message: str) -> str:
+    """jsonargparse's error (often a dozen lines about Union subtypes) as one line: the option,
+    the value given and what it must be."""
+    if "compute_fn" in message and " failed: " in message:  # our own message, raised in a link
+        return message.split(" failed: ", 1)[1].strip()
+    keys: list[str] = []
+    lines = [line for line in message.splitlines() if line.strip()]
+    while lines:  # down to the innermost problem: Parser key "data" > class_path > Parser key "batch_size"
+        head = re.match(r'\s*(?:- )?Parser key "([^"]+)":\s*(.*)', lines[0])
+        if head and head[2].startswith("Parser key"):  # 'Parser key "optimizer.lr": Parser key "optimizer": ...'
+            lines[0] = head[2]
+            continue
+        if head:
+            keys.append(head[1])
+            if head[2]:  # 'Parser key "config": File does not exist: ...'
+                return f"--{'.'.join(keys)}: {head[2]}"
+            lines = lines[1:]
+            continue
+        nested = next((i for i, line in enumerate(lines) if "Problem with given class_path" in line), None)
+        if nested is None:
+            break
+        inner = lines[nested + 1 :]
+        end = next((i for i, line in enumerate(inner) if _indent(line) <= _indent(lines[nested])), len(inner))
+        lines = inner[:end]
+    block = "\n".join(lines)
+    option = f"--{'.'.join(keys)}"
+    unknown = re.search(r"Option '([^']+)' is not accepted", block)
+    if unknown:
+        return f"{option}.{unknown[1]} is not an option"
+    expected = re.findall(r"Expected an? (<class '[\w.]+'>|tuple with \d+ elements|dot import path)", block)
+    given = re.findall(r"(?:Given|Got) value: (.*)", block)
+    if not keys or not expected:  # a message of another shape: its first informative line
+        first = next((line.strip(" -") for line in lines if line.strip(" -")), message.strip())
+        return f"{option}: {first}" if keys else first
+    names = {"<class 'NoneType'>": "null", "dot import path": "a class path (module.Class)"}
+    wanted = [names.get(k, k.removeprefix("<class '").removesuffix("'>")) for k in expected]
+    if any(k not in names for k in expected):  # a value was wanted: "or a class path" only confuses
+        wanted = [w for w in wanted if w != names["dot import path"]]
+    value = f" {given[-1].strip()}" if given else ""
+    return f"{option}{value}: expected {' or '.join(dict.fromkeys(wanted))}"
+
+
+def _yaml(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class CaltechArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are one ``caltech: error:`` line, not the 80 lines of
+    usage before them (``--help`` shows those)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        line = _one_line(message)
+        if "Fix:" not in line:
+            prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+            line += f". Fix: `{prog} --help` lists the options and their types."
+        print(f"caltech: error: {line}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _preprocessing_fields(backbone: str, weights: str | None, image_size: int | None) -> dict:
@@ -77,12 +153,54 @@ class CaltechCLI(LightningCLI):
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse, then refuse a checkpoint that would run code before LightningCLI reads it."""
+        """Parse, then refuse what cannot work before anything runs: a checkpoint that is not one
+        of ours (or would run code) before LightningCLI reads it, predict without images, a
+        negative learning rate; and say which model options a checkpoint overrides."""
         super().parse_arguments(parser, args)
+        self.checkpoint_options: dict[str, Any] | None = None
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path:
-            load_safely(Path(ckpt_path), "checkpoint")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if subcommand == "predict" and config.get("data.init_args.predict_dir") is None:
+            raise CaltechError("predict needs images. Fix: pass --data.predict_dir <folder or image>.")
+        lr = config.get("optimizer.init_args.lr")
+        if isinstance(lr, (int, float)) and lr < 0:
+            raise CaltechError(f"optimizer.lr {lr} is negative. Fix: pass a positive --optimizer.lr, like 0.001.")
+        if config.get("ckpt_path"):
+            self.checkpoint_options = read_checkpoint(Path(config.ckpt_path))["hyper_parameters"]
+            self._say_which_options_win(config.model, self.checkpoint_options)
+
+    @staticmethod
+    def _say_which_options_win(given: Namespace, saved: dict[str, Any]) -> None:
+        """LightningCLI rebuilds the model from the checkpoint's saved options, whatever --model.*
+        says: say so, in one line, when they differ."""
+        differ = [(k, saved[k], given.get(k)) for k in NETWORK_OPTIONS if k in saved and saved[k] != given.get(k)]
+        if differ:
+            used = ", ".join(f"model.{k} {_yaml(mine)} (not {_yaml(theirs)})" for k, mine, theirs in differ)
+            log.warning(
+                f"Using the checkpoint's {used}: its weights were trained in that network, so the checkpoint's "
+                "model options win over --model.* and the config."
+            )
+
+    def before_instantiate_classes(self) -> None:
+        """Everything of a run goes under trainer.default_root_dir, which must be a folder we can
+        write: a logger without a save_dir writes there too (its wandb/ folder, the checkpoints
+        and config.yaml)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir or os.getcwd()
+        writable_folder(Path(root), "trainer.default_root_dir")
+        loggers = config.trainer.logger
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+            if isinstance(init_args, Namespace) and "save_dir" in init_args and init_args.save_dir is None:
+                init_args.save_dir = str(root)
+
+    def after_instantiate_classes(self) -> None:
+        """Refuse a checkpoint trained on other classes than the data's now, before any image is read."""
+        super().after_instantiate_classes()
+        if self.checkpoint_options is not None:
+            self.model.check_checkpoint_options(self.checkpoint_options)
 
 
 def _show_our_messages() -> None:
@@ -126,6 +244,7 @@ def make_cli(args: ArgsType = None, run: bool = True) -> CaltechCLI:
         TransferClassifier,
         ImageClassificationDataModule,
         subclass_mode_data=True,
+        parser_class=CaltechArgumentParser,
         save_config_callback=WandbSaveConfig,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": DESCRIPTION},
@@ -138,8 +257,21 @@ def make_cli(args: ArgsType = None, run: bool = True) -> CaltechCLI:
 OTHER_COMMANDS = {"compare": compare.main, "export": export.main}
 
 
+def _caltech_error_in(error: BaseException | None) -> CaltechError | None:
+    """The CaltechError behind ``error``: jsonargparse raises its own error about the data
+    option ``from`` what a data module's ``__init__`` raised."""
+    while error is not None and not isinstance(error, CaltechError):
+        error = error.__cause__
+    return error
+
+
 def main(args: list[str] | None = None) -> None:
-    """Run ``caltech``; a problem the user can fix ends in one line and exit status 2."""
+    """Run ``caltech``; a problem the user can fix ends in one line and exit status 2.
+
+    A run stopped by SIGTERM or Ctrl-C exits with 128 + the signal's number (143, 130), as a
+    process killed by it would, so schedulers and scripts see that it did not finish; Lightning
+    itself exits 0 after SIGTERM and 1 after Ctrl-C.
+    """
     _show_our_messages()
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
@@ -149,8 +281,19 @@ def main(args: list[str] | None = None) -> None:
             OTHER_COMMANDS[argv[0]](list(argv[1:]))
         else:
             make_cli(args)
-    except CaltechError as error:
+    except Exception as error:
+        caltech_error = _caltech_error_in(error)
+        if caltech_error is None:
+            raise
         # Raised in a DataLoader worker, it arrives wrapped in the worker's traceback: keep the message.
-        message = str(error).rsplit(f"{CaltechError.__name__}: ", 1)[-1].strip()
+        message = str(caltech_error).rsplit(f"{CaltechError.__name__}: ", 1)[-1].strip()
         print(f"caltech: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except SystemExit as stop:
+        if isinstance(stop.__context__, KeyboardInterrupt):  # Lightning's sys.exit(1) after its Ctrl-C handling
+            raise SystemExit(128 + signal.SIGINT) from None
+        raise
+    except KeyboardInterrupt:
+        raise SystemExit(128 + signal.SIGINT) from None

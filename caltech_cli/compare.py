@@ -17,8 +17,9 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from caltech_cli.callbacks import HISTORY  # noqa: E402
-from caltech_cli.errors import CaltechError  # noqa: E402
+from caltech_cli.callbacks import HISTORY, read_history as read_history_file  # noqa: E402
+from caltech_cli.errors import CaltechError, writable_folder  # noqa: E402
+from caltech_cli.report import printable, text_cell  # noqa: E402
 
 TEST_COLUMNS = ["test/acc", "test/acc_top5", "test/acc_macro", "test/loss"]
 
@@ -27,20 +28,28 @@ def read_history(run: Path) -> list[dict[str, float]]:
     path = run / HISTORY
     if not path.is_file():
         raise CaltechError(f"{path} does not exist. Fix: pass the trainer.default_root_dir of a finished `caltech fit`.")
-    with open(path) as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    return read_history_file(path)
 
 
 def read_test_metrics(run: Path) -> dict[str, float]:
     path = run / "report" / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        return {str(k): float(v) for k, v in metrics.items()}
+    except (ValueError, TypeError, AttributeError) as error:  # JSON and UTF-8 errors are ValueErrors
+        raise CaltechError(
+            f"{path} is damaged ({str(error).splitlines()[0][:120]}): it is not the metrics `caltech test` writes. "
+            "Fix: run `caltech test` for that run again, or delete it."
+        ) from error
 
 
 def compare(runs: list[Path], output: Path) -> list[Path]:
     """Draw val/acc and val/loss per epoch of each run, and tabulate their test metrics."""
     histories = {run: read_history(run) for run in runs}
-    names = {run: run.name or str(run) for run in runs}
-    output.mkdir(parents=True, exist_ok=True)
+    names = {run: printable(run.name or str(run)) for run in runs}
+    writable_folder(output, "output")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key in zip(axes, ("val/acc", "val/loss")):
         for run, history in histories.items():
@@ -65,12 +74,12 @@ def compare(runs: list[Path], output: Path) -> list[Path]:
         cells = [names[run], str(len(history)), "" if best is None else f"{best:.4f}"]
         rows.append(cells + [f"{test[c]:.4f}" if c in test else "" for c in TEST_COLUMNS])
     table_csv = output / "comparison.csv"
-    with open(table_csv, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+    with open(table_csv, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *([text_cell(row[0]), *row[1:]] for row in rows)])
     table_md = output / "comparison.md"
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell or "–" for cell in row) + " |" for row in rows]
-    table_md.write_text("\n".join(lines) + "\n")
+    table_md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return [picture, table_md, table_csv]
 
 

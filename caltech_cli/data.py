@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from caltech_cli import sources
 from caltech_cli.backbones import Preprocessing
-from caltech_cli.errors import CaltechError
+from caltech_cli.errors import CaltechError, writable_folder
 from caltech_cli.features import CachedFeatures, Split, cached_features
 from caltech_cli.images import (
     IMAGE_EXTENSIONS,
@@ -36,6 +36,7 @@ from caltech_cli.images import (
     stratified_split,
     train_transform,
 )
+from caltech_cli.report import printable
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,15 @@ def loader_workers(workers: int, images: int, batch_size: int) -> int:
 FEATURE_BATCH_SIZE = {"cpu": 16, "cuda": 32}
 # The splits whose features a stage uses, computed together when the first is asked for.
 STAGE_SPLITS = {TrainerFn.FITTING: ("val", "train"), TrainerFn.VALIDATING: ("val",), TrainerFn.TESTING: ("test",)}
+
+
+def _check_options(*checks: tuple[str, Any, bool, str]) -> None:
+    """Refuse the first option whose value cannot work, in one line that says what it must be."""
+    for option, value, ok, must_be in checks:
+        if not ok:
+            shown = list(value) if isinstance(value, tuple) else value
+            raise CaltechError(f"data.{option} {shown} cannot work: it must be {must_be}. "
+                               f"Fix: pass --data.{option} with such a value.")
 
 
 # Sub-folders that mark a data set as already split; "valid" and "validation" count as "val".
@@ -145,6 +155,18 @@ class ImageClassificationDataModule(LightningDataModule):
         preprocessing: Preprocessing | None = None,
     ) -> None:
         super().__init__()
+        _check_options(
+            ("batch_size", batch_size, batch_size >= 1, "1 or more"),
+            ("feature_batch_size", feature_batch_size, feature_batch_size is None or feature_batch_size >= 1,
+             "1 or more, or null for batch_size"),
+            ("num_workers", num_workers, num_workers is None or num_workers >= 0,
+             "0 or more, or null for one per core"),
+            ("split", split, split is None or (min(split) >= 0 and sum(split) > 0),
+             "three sizes of 0 or more, not all 0, like [70, 10, 20]"),
+            ("crop_scale", crop_scale, 0 < crop_scale[0] <= crop_scale[1] <= 1,
+             "[smallest, largest] area fraction with 0 < smallest <= largest <= 1, like [0.5, 1.0]"),
+            ("cache_views", cache_views, cache_views >= 0, "0 (the evaluation transform) or a number of views"),
+        )
         source = source or self.default_source
         if source is None:
             raise CaltechError("data.source is missing. Fix: pass --data.source <archive, folder or URL>.")
@@ -218,7 +240,7 @@ class ImageClassificationDataModule(LightningDataModule):
         if self._source_folder is not None:
             log.info("Using the data set at %s in place", self.root)
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        writable_folder(self.data_dir, "data.data_dir")
         with FileLock(self.data_dir / ".prepare.lock"):
             if self._ready():
                 log.info("Using the data set at %s (from %s, already extracted)", self.root, self.source)
@@ -269,6 +291,18 @@ class ImageClassificationDataModule(LightningDataModule):
                 found = sorted(self.classes)
             if not found:
                 raise CaltechError(f"{self.root} has no class folders. Fix: point data.source at the data set.")
+            if len(found) == 1:
+                where = "data.classes keeps" if self.classes is not None else f"{self.root} has"
+                raise CaltechError(
+                    f"{where} one class ({found[0]}): a classifier needs two or more. Fix: add a folder of images "
+                    "for each other class, or point data.source at the whole data set."
+                )
+            unnamed = ", ".join(printable(name) for name in found if printable(name) != name)
+            if unnamed:
+                raise CaltechError(
+                    f"class folders under {self.root} have names that are not valid UTF-8: {unnamed}. "
+                    "Class names go into checkpoints, reports and W&B. Fix: rename them."
+                )
             self._class_names = found
         return self._class_names
 
@@ -298,15 +332,16 @@ class ImageClassificationDataModule(LightningDataModule):
                     outside.append(path)
                     continue
                 problem = image_problem(path)
+                named_as_image = path.suffix.lower() in IMAGE_EXTENSIONS
                 if problem is None:
                     files.append(path)
                     labels.append(label)
-                elif problem == NOT_AN_IMAGE and path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    ignored.append(path)
+                elif not named_as_image and (problem == NOT_AN_IMAGE or path.stat().st_size == 0):
+                    ignored.append(path)  # a README, or an empty .gitkeep
                 else:
                     bad.append(f"{path}: {problem}")
         if ignored:
-            shown = ", ".join(str(p.relative_to(root)) for p in ignored[:10])
+            shown = ", ".join(printable(str(p.relative_to(root))) for p in ignored[:10])
             log.info("Ignoring %d files that are not images: %s", len(ignored), shown)
         if outside:
             shown = ", ".join(str(p.relative_to(root)) for p in outside[:10])
@@ -323,13 +358,28 @@ class ImageClassificationDataModule(LightningDataModule):
             raise CaltechError(f"no images found under {root}.")
         return files, labels
 
+    def _require_every_class(self, root: Path, labels: list[int]) -> None:
+        """Refuse class folders without usable images: the model would get outputs for classes it
+        never sees, and per-class metrics for classes that never occur."""
+        names = self.class_names or []
+        empty = sorted(set(range(len(names))) - set(labels))
+        if empty:
+            shown = ", ".join(printable(names[i]) for i in empty)
+            raise CaltechError(
+                f"class folders under {root} hold no usable images: {shown}. A model would get a head for classes "
+                "that never occur. Fix: add images to them, remove them, or list the classes to use in --data.classes."
+            )
+
     def _split_files(self) -> list[tuple[list[Path], list[int]]]:
         """(files, labels) of train, val and test: the folder's own split, or a stratified one."""
         presplit = self.presplit
         if presplit is not None:
             log.info("Using the split of %s (train/val/test folders); data.split is not used", self.root)
-            return [self._scan(presplit[name]) if name in presplit else ([], []) for name in SPLIT_FOLDERS]
+            scanned = [self._scan(presplit[name]) if name in presplit else ([], []) for name in SPLIT_FOLDERS]
+            self._require_every_class(presplit["train"], scanned[0][1])
+            return scanned
         files, labels = self._scan(self.root)
+        self._require_every_class(self.root, labels)
         parts = stratified_split(labels, self.split, self.seed)
         empty = [name for name, part in zip(SPLIT_FOLDERS, parts) if not part]
         if empty:
@@ -362,7 +412,7 @@ class ImageClassificationDataModule(LightningDataModule):
         digest = hashlib.sha256()
         for name, split in zip(SPLIT_FOLDERS, self._make_splits()):
             for path, label in zip(split.files, split.labels):
-                digest.update(f"{name}\0{path.relative_to(self.root)}\0{label}\n".encode())
+                digest.update(f"{name}\0".encode() + os.fsencode(path.relative_to(self.root)) + f"\0{label}\n".encode())
         return digest.hexdigest()[:12]
 
     @property
@@ -395,6 +445,8 @@ class ImageClassificationDataModule(LightningDataModule):
         model = self.trainer.lightning_module if self.trainer is not None else None
         if self.cache_features and model is not None and not getattr(model, "freeze_backbone", False):
             log.info("Not caching features: the backbone is trained (model.freeze_backbone is false)")
+        if self._frozen_model() is not None:
+            writable_folder(self.cache_dir, "data.cache_dir")
 
     def teardown(self, stage: str) -> None:
         """Say which image files were skipped because they could not be read (``skip_bad_images``)."""

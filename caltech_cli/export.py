@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from caltech_cli.backbones import Preprocessing, load_safely, preprocessing_for
-from caltech_cli.errors import CaltechError
-from caltech_cli.model import TransferClassifier
+from caltech_cli.backbones import Preprocessing, preprocessing_for
+from caltech_cli.errors import CaltechError, writable_file
+from caltech_cli.model import TransferClassifier, read_checkpoint
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 METADATA_FILE = "caltech.json"  # the TorchScript extra file
@@ -48,13 +48,8 @@ def load_for_export(ckpt_path: Path) -> tuple[TransferClassifier, Preprocessing]
     The backbone is built without its pretrained weights (the checkpoint holds all of them), so
     exporting needs no download.
     """
-    checkpoint = load_safely(ckpt_path, "checkpoint")
-    saved = checkpoint.get("hyper_parameters", {})
-    if "state_dict" not in checkpoint or not saved.get("class_names"):
-        raise CaltechError(
-            f"{ckpt_path} is not a checkpoint of a caltech model (no weights or no class names). "
-            "Fix: pass a .ckpt written by `caltech fit` (runs/<config>/best.ckpt)."
-        )
+    checkpoint = read_checkpoint(ckpt_path)
+    saved = checkpoint["hyper_parameters"]
     model = TransferClassifier(
         backbone=saved["backbone"],
         weights=None,
@@ -63,7 +58,13 @@ def load_for_export(ckpt_path: Path) -> tuple[TransferClassifier, Preprocessing]
         image_size=saved.get("image_size"),
         channels_last=False,
     )
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise CaltechError(
+            f"the weights in {ckpt_path} do not fit the {saved['backbone']} it names ({str(error).splitlines()[0]}): "
+            "it was altered or damaged. Fix: pass a .ckpt written by `caltech fit`."
+        ) from error
     model.eval()
     return model, preprocessing_for(saved["backbone"], saved.get("weights"), saved.get("image_size"))
 
@@ -137,13 +138,13 @@ def export(ckpt_path: Path, format: str = "onnx", output: Path | None = None) ->
     from PyTorch's probabilities on a few random images (None where onnxruntime is missing)."""
     if format not in FORMATS:
         raise CaltechError(f"unknown export format {format!r}. Fix: pass --format onnx or --format torchscript.")
+    output = writable_file(output or ckpt_path.with_suffix(FORMATS[format]), "output")
+    writable_file(output.with_suffix(".json"), "output")
     model, preprocessing = load_for_export(ckpt_path)
     network = Probabilities(model, preprocessing).eval()
     size = preprocessing.crop_size
     generator = torch.Generator().manual_seed(0)
     example = torch.rand(2, 3, size, size, generator=generator)
-    output = output or ckpt_path.with_suffix(FORMATS[format])
-    output.parent.mkdir(parents=True, exist_ok=True)
     info = metadata(model, preprocessing, ckpt_path)
     with torch.no_grad():
         (_export_onnx if format == "onnx" else _export_torchscript)(network, example, output, info)

@@ -57,7 +57,7 @@ def files_fingerprint(dataset: LabelledImages) -> str:
     digest = hashlib.sha256()
     for path, label in zip(dataset.files, dataset.labels):
         stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
+        digest.update(os.fsencode(path) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
     return digest.hexdigest()
 
 

@@ -54,7 +54,9 @@ class WandbLogger(LightningWandbLogger):
     Args:
         project: W&B project.
         name: Run name shown in W&B.
-        save_dir: Folder for the local run files (``<save_dir>/wandb``).
+        save_dir: Folder for the local run files (``<save_dir>/wandb``); null means
+            ``trainer.default_root_dir`` under ``caltech`` (the current folder in Python), so a
+            run's folder holds all of it.
         offline: Force offline logging; null decides from credentials and network.
         log_model: Upload checkpoints as W&B artifacts (online only).
         entity: W&B user or team.
@@ -65,12 +67,13 @@ class WandbLogger(LightningWandbLogger):
         self,
         project: str = "caltech",
         name: str | None = None,
-        save_dir: str = "runs",
+        save_dir: str | None = None,
         offline: bool | None = None,
         log_model: bool = False,
         entity: str | None = None,
         tags: list[str] | None = None,
     ) -> None:
+        save_dir = save_dir or "."
         if offline is None:
             reason = offline_reason()
             offline = reason is not None

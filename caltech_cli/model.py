@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,7 +13,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from caltech_cli.backbones import resolve_backbone
+from caltech_cli.backbones import load_safely, resolve_backbone
 from caltech_cli.errors import CaltechError
 from caltech_cli.features import full_batch, warm_up
 
@@ -171,8 +173,11 @@ class TransferClassifier(LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-4)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check that the checkpoint fits this model, and take its classes if the model has none."""
-        saved = checkpoint.get("hyper_parameters", {})
+        self.check_checkpoint_options(checkpoint.get("hyper_parameters", {}))
+
+    def check_checkpoint_options(self, saved: dict[str, Any]) -> None:
+        """Check that a checkpoint's saved options fit this model, and take its classes if the
+        model has none. ``caltech`` calls it as soon as the data is known, before any image is read."""
         if saved.get("backbone", self.hparams["backbone"]) != self.hparams["backbone"]:
             raise CaltechError(
                 f"the checkpoint holds a {saved['backbone']} model, not {self.hparams['backbone']}. "
@@ -189,3 +194,36 @@ class TransferClassifier(LightningModule):
                 f"{len(self.class_names)} ({', '.join(self.class_names[:3])}, ...). "
                 "Fix: use the same data (data.source, data.classes) as the run that wrote the checkpoint."
             )
+
+
+# What Lightning adds to the saved hyper-parameters besides the model's options; never used here.
+LIGHTNING_KEYS = {"_instantiator"}
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint that ``caltech fit`` wrote, loaded without running code from it (``weights_only``).
+
+    Anything else is refused in one line that says what it is: a plain state dict (which
+    ``--model.weights`` takes), another program's checkpoint, or saved options this model does
+    not have (a checkpoint asking for a ``_class_path`` to import, say).
+    """
+    checkpoint = load_safely(path, "checkpoint")
+    fix = "Fix: pass a .ckpt written by `caltech fit` (<trainer.default_root_dir>/best.ckpt)"
+    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise CaltechError(
+            f"{path} is not a checkpoint of a caltech model: it is a plain state dict (weights only, without "
+            f"class names or model options). {fix}; to start training from these weights use --model.weights {path}."
+        )
+    saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(saved, dict) or not isinstance(checkpoint.get("state_dict"), dict) or not (
+        isinstance(saved.get("backbone"), str) and isinstance(saved.get("class_names"), list)
+    ):
+        kind = type(checkpoint).__name__ if not isinstance(checkpoint, dict) else "dict without caltech's model options"
+        raise CaltechError(f"{path} is not a checkpoint of a caltech model (it holds a {kind}). {fix}.")
+    unknown = sorted(set(saved) - set(inspect.signature(TransferClassifier).parameters) - LIGHTNING_KEYS)
+    if unknown:
+        raise CaltechError(
+            f"{path} saves model options that caltech's model does not have ({', '.join(map(str, unknown))}): "
+            f"another program wrote it, or it was altered. {fix}."
+        )
+    return checkpoint

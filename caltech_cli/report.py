@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,25 @@ from torchmetrics.functional.classification import (  # noqa: E402
 
 WRONG = "#c62828"
 RIGHT = "#2e7d32"
+# A cell that starts with one of these is a formula to a spreadsheet (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def printable(name: str) -> str:
+    """``name`` with the bytes of a file name that is not valid UTF-8 written as ``\\xNN``, so it
+    can be printed and written to a UTF-8 file (Python keeps such bytes as lone surrogates)."""
+    try:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name
+        return name.encode("utf-8", "backslashreplace").decode()
+
+
+def text_cell(value: str) -> str:
+    """A name or message as a CSV cell that a spreadsheet shows as text and never runs: a cell
+    starting with ``= + - @``, a tab or a carriage return gets a leading single quote (OWASP's
+    advice for CSV injection). Numbers we format ourselves are written as they are."""
+    shown = printable(value)
+    return "'" + shown if shown.startswith(FORMULA_STARTS) else shown
 
 
 def per_class(probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str]) -> list[dict]:
@@ -57,7 +77,8 @@ def write_per_class(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
+            writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else text_cell(v) if isinstance(v, str) else v
+                             for k, v in row.items()})
 
 
 def write_metrics(metrics: dict[str, float], path: Path) -> None:

@@ -135,7 +135,6 @@ def small_run(root: Path, source: str, config: str = TRANSFER) -> list[str]:
         "--data.num_workers", "0",
         "--model.image_size", "64",
         "--trainer.default_root_dir", str(root / "runs"),
-        "--trainer.logger.save_dir", str(root / "runs"),
     ]
 
 

@@ -394,9 +394,9 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
     assert not marker.exists(), "the pickle's code must not run"
 
 
-def interrupted_fit(tar_archive: Path, tmp_path: Path, signum: int) -> tuple[list[str], str]:
+def interrupted_fit(tar_archive: Path, tmp_path: Path, signum: int) -> tuple[list[str], str, int]:
     """Start a long ``caltech fit``, send ``signum`` once an epoch has finished and been saved; its
-    options and output. (history.csv is no sign of that: Lightning writes the epoch's checkpoints
+    options, output and exit status. (history.csv is no sign of that: Lightning writes the epoch's checkpoints
     after every other callback's epoch end, so a signal sent then can land between them.)"""
     options = [*small_run(tmp_path, str(tar_archive)), "--trainer.logger", "false", "--data.batch_size", "2"]
     process = subprocess.Popen([str(Path(sys.executable).with_name("caltech")), "fit", *options,
@@ -408,13 +408,19 @@ def interrupted_fit(tar_archive: Path, tmp_path: Path, signum: int) -> tuple[lis
         time.sleep(0.5)
     assert saved.exists(), process.communicate()[0][-3000:]
     process.send_signal(signum)
-    return options, process.communicate(timeout=120)[0]
+    output = process.communicate(timeout=120)[0]
+    return options, output, process.returncode
 
 
 def test_sigterm_during_fit_leaves_a_checkpoint_to_resume_from(tar_archive, tmp_path):
-    options, output = interrupted_fit(tar_archive, tmp_path, signal.SIGTERM)
+    options, output, status = interrupted_fit(tar_archive, tmp_path, signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, f"a scheduler must see that the job did not finish\n{output[-3000:]}"
     last = tmp_path / "runs" / "checkpoints" / "last.ckpt"
     assert last.is_file(), output[-3000:]
+    assert "Stopped by SIGTERM" in output and str(last) in output
+    bests = list(last.parent.glob("best-*.ckpt"))
+    assert len(bests) == 1, f"the checkpoint of the interruption is not named like a best one: {bests}"
+    assert torch.load(bests[0], weights_only=True)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"]
     resumed = run_caltech("fit", *options, "--trainer.max_epochs", "1000", "--trainer.max_steps", "0",
                           "--ckpt_path", str(last), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -463,8 +469,9 @@ def test_download_gives_one_error_after_its_attempts(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_during_fit_saves_a_checkpoint(tar_archive, tmp_path):
-    _, output = interrupted_fit(tar_archive, tmp_path, signal.SIGINT)
+    _, output, status = interrupted_fit(tar_archive, tmp_path, signal.SIGINT)
     assert "graceful shutdown" in output, output[-2000:]
+    assert status == 128 + signal.SIGINT, output[-2000:]
     assert (tmp_path / "runs" / "checkpoints" / "last.ckpt").is_file(), output[-2000:]
 
 
