@@ -95,7 +95,7 @@ def test_cli_fit_test_predict_on_a_presplit_folder(image_folder, tmp_path):
     data = ["--data", "ImageFolderDataModule", "--data.root", str(root)]
     fit = run_caltech("fit", *options, *data, "--trainer.max_epochs", "2", "--trainer.logger", "false", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
-    assert "Cached train features" in fit.stderr and "18 train, 9 val, 9 test" in fit.stderr
+    assert "Cached val and train features" in fit.stderr and "18 train, 9 val, 9 test" in fit.stderr
     best = tmp_path / "runs" / "best.ckpt"
     assert torch.load(best, weights_only=True)["hyper_parameters"]["class_names"] == sorted(CLASSES)
 

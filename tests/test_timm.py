@@ -133,7 +133,7 @@ def test_fit_test_predict_export_with_weights_from_the_hub_cache(tar_archive, tm
                       "--optimizer.lr", "0.01", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "127.0.0.1:9" not in fit.stderr, "the cache is read without asking the Hub"
-    assert "Cached train features" in fit.stderr
+    assert "Cached val and train features" in fit.stderr
 
     caches = {p.name.split("-")[0]: torch.load(p, weights_only=True) for p in (tmp_path / "data" / "feature-cache").glob("*.pt")}
     assert set(caches) == {"train", "val"}
