@@ -306,7 +306,10 @@ def _strip_classifier(network: nn.Module) -> int:
 
 
 def known_backbone(backbone: str) -> None:
-    """Refuse a name torchvision does not know, suggesting the close classification models."""
+    """Refuse a name torchvision (for ``timm/<name>``, timm) does not know, suggesting close names."""
+    if is_timm(backbone):
+        _timm_config(backbone)
+        return
     if backbone in models.list_models():
         return
     names = models.list_models(module=models)

@@ -28,6 +28,9 @@ def test_fit_then_test(trained_run):
     assert "Last checkpoint:" in fit.stderr
     assert list(trained_run.runs.glob("wandb/offline-run-*")), "W&B logs offline into the run folder"
     assert "already extracted" in test.stderr
+    with open(trained_run.runs / "history.csv", newline="") as f:
+        epochs = list(csv.DictReader(f))
+    assert len(epochs) == 4 and all(float(e["train/images_per_s"]) > 0 < float(e["train/seconds"]) for e in epochs)
     assert metric(test.stdout, "test/acc") >= 0.8
     for name in ("test/acc_top5", "test/acc_macro", "test/loss"):
         metric(test.stdout, name)
