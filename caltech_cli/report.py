@@ -195,17 +195,9 @@ def draw_prediction_grid(
     for ax, file, pred, p, true in zip(axes.flat, files, preds.tolist(), confidence.tolist(), labels.tolist()):
         image = load_rgb(file, min_size=256)
         image.thumbnail((256, 256), Image.Resampling.BILINEAR)
-        ax.imshow(image)
         ok = pred == true
-        colour = RIGHT if ok else WRONG
         title = f"{names[pred]} ({p:.0%})" + ("" if ok else f"\ntrue: {names[true]}")
-        ax.set_title(title, fontsize=8, color=colour)
-        ax.axis("on")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_edgecolor(colour)
-            spine.set_linewidth(1 if ok else 3)
+        _framed(ax, image, title, RIGHT if ok else WRONG)
     wrong = int((preds != labels).sum())
     fig.suptitle(f"Test predictions: {count - wrong} right, {wrong} wrong (red)")
     fig.tight_layout()
