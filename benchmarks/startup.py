@@ -29,7 +29,7 @@ MILESTONES = [
     ("parse config, build model and data module", "Seed set to"),
     ("trainer and loggers", "GPU available"),
     ("scan and split the images", " images in "),
-    ("feature pass (val, then train)", "Cached train features"),
+    ("feature pass (val and train, one loader)", "Cached val and train features"),
     ("head epochs", "`Trainer.fit` stopped"),
     ("final checkpoint, links", "Last checkpoint:"),
 ]
