@@ -197,9 +197,11 @@ class TransferClassifier(LightningModule):
         batches (``features.warm_up``); every batch then has that shape (``full_batch``)."""
         # Lightning rebuilds the loader around a batch sampler, which holds the batch size.
         self._predict_batch_size = self.trainer.predict_dataloaders.batch_sampler.batch_size
+        # With test-time augmentation the backbone sees each batch's views together.
+        views = getattr(self.trainer.predict_dataloaders.dataset, "views", 1)
         if self.head is not None:
             with self.trainer.precision_plugin.forward_context():
-                warm_up(self.features, self.device, self._predict_batch_size, self.preprocessing.crop_size)
+                warm_up(self.features, self.device, self._predict_batch_size * views, self.preprocessing.crop_size)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor, list[str]], batch_idx: int) -> dict[str, Any]:
         images, indices, errors = batch

@@ -273,3 +273,25 @@ def test_tta_flip_without_the_cache_stacks_the_views(image_folder, tmp_path):
     assert torch.equal(stacked[0], eval_transform(PRE)(image))
     assert torch.equal(stacked[1], eval_transform(PRE)(ImageOps.mirror(image)))
     assert data._dataset("train")[0][0].shape == (3, 64, 64), "training stays single-view"
+
+
+def test_predict_with_tta_flip_averages_image_and_mirror(image_folder, tmp_path):
+    files = sorted(image_folder.glob("**/circles/image_000[1-3].jpg"))
+    assert len(files) == 3
+    (tmp_path / "photos").mkdir()
+    for file in files:
+        (tmp_path / "photos" / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"not an image")
+    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), batch_size=8, num_workers=0,
+                                preprocessing=PRE, predict_dir=str(tmp_path / "photos"), tta_flip=True)
+    model = TransferClassifier(image_size=64, class_names=["circles", "squares", "stripes"]).eval()
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    (batch,) = trainer.predict(model, datamodule=data)
+    assert batch["error"][0] and not any(batch["error"][1:]), "the unreadable file is one error row"
+    with torch.no_grad():
+        for row, path in zip(batch["probs"][1:], [tmp_path / "photos" / f.name for f in files]):
+            image = load_rgb(path)
+            views = torch.stack([eval_transform(PRE)(image), eval_transform(PRE)(ImageOps.mirror(image))])
+            assert torch.allclose(row, model(views).softmax(dim=1).mean(dim=0), atol=1e-5)
+            assert not torch.allclose(row, model(views[:1]).softmax(dim=1)[0], atol=1e-4), "not the image alone"

@@ -127,6 +127,8 @@ def test_compare_two_runs(trained_run, tmp_path):
     assert len(rows) == 2 and rows[0]["epochs"] == "4" and rows[1]["epochs"] == "2"
     transfer_acc = json.loads((trained_run.runs / "report" / "metrics.json").read_text())["test/acc"]
     assert rows[0]["test/acc"] == f"{transfer_acc:.4f}"
+    history = list(csv.DictReader(open(trained_run.runs / "history.csv")))
+    assert rows[0]["best val/acc_macro"] == f"{max(float(r['val/acc_macro']) for r in history):.4f}"
     markdown = (tmp_path / "cmp" / "comparison.md").read_text()
     assert markdown.count("\n") == 4 and "test/acc_macro" in markdown
 
