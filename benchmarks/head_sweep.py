@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[64])
     parser.add_argument("--monitor", default="val/acc", choices=["val/acc", "val/acc_macro"])
     parser.add_argument("--tta", action="store_true", help="average val (and test) over the mirror view too")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42],
+                        help="train each setting once per seed and print the mean (val has 1000 images: "
+                             "one image is 0.1 point of val/acc)")
     options = parser.parse_args()
     torch.set_num_threads(1)
     train_x, train_y = load(options.cache, "train")
@@ -107,11 +110,13 @@ def main() -> None:
                              options.class_weights, options.batch_size)
     for epochs, lr, wd, smoothing, power, batch in grid:
         start = time.perf_counter()
-        best = train(train_x, train_y, evals, classes, epochs, lr, wd, smoothing, power, batch, options.monitor)
+        runs = [train(train_x, train_y, evals, classes, epochs, lr, wd, smoothing, power, batch, options.monitor, seed)
+                for seed in options.seeds]
+        best = {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}
         seconds = time.perf_counter() - start
         rows.append((best, f"epochs={epochs} lr={lr:g} wd={wd:g} ls={smoothing:g} cw={power:g} bs={batch}", seconds))
         print(f"{rows[-1][1]:<60} " + " ".join(f"{k}={v:.4f}" for k, v in best.items() if k != "epoch")
-              + f" epoch={best['epoch']} {seconds:.1f}s", flush=True)
+              + f" epoch={best['epoch']:.1f} {seconds:.1f}s", flush=True)
     print(f"\nBest first by {options.monitor} (ties: val/acc_macro):")
     rows.sort(key=lambda r: (r[0][options.monitor], r[0]["val/acc_macro"]), reverse=True)
     for best, setting, _ in rows[:10]:
