@@ -442,15 +442,14 @@ class ImageClassificationDataModule(LightningDataModule):
             if self._tta(split):
                 images = replace(images, transform=Views(self._tta_transforms()))
             return images
-        stored = f"{split}+flip" if self._tta(split) else split
-        if stored not in self._features:
+        if self._stored(split) not in self._features:
             precision = self.trainer.precision_plugin
 
             def extract(images: torch.Tensor) -> torch.Tensor:
                 with precision.forward_context():
                     return model.features(images)
 
-            wanted = [s for s in STAGE_SPLITS.get(self.trainer.state.fn, ()) if s not in self._features]
+            wanted = [s for s in STAGE_SPLITS.get(self.trainer.state.fn, ()) if self._stored(s) not in self._features]
             names = list(dict.fromkeys([*wanted, split]))
             splits = [s for name in names for s in self._to_cache(name)]
             batch_size = self.feature_batch_size or FEATURE_BATCH_SIZE.get(self._device.type, 32)
@@ -462,10 +461,10 @@ class ImageClassificationDataModule(LightningDataModule):
             for name in names:
                 if self._tta(name):
                     views = torch.cat([found[name].features, found[f"{name}_flip"].features])
-                    self._features[f"{name}+flip"] = CachedFeatures(views, found[name].labels, all_views=True)
+                    self._features[self._stored(name)] = CachedFeatures(views, found[name].labels, all_views=True)
                 else:
                     self._features[name] = found[name]
-        return self._features[stored]
+        return self._features[self._stored(split)]
 
     def _images(self, split: str) -> LabelledImages:
         return getattr(self, f"{split}_set")
@@ -475,6 +474,10 @@ class ImageClassificationDataModule(LightningDataModule):
         outside ``fit`` (fit's validation stays single-view, so it costs what it did)."""
         fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         return self.tta_flip and split != "train" and not fitting
+
+    def _stored(self, split: str) -> str:
+        """The split's key among the loaded features: single-view and TTA features differ."""
+        return f"{split}+flip" if self._tta(split) else split
 
     def _tta_transforms(self) -> list[Callable]:
         return [eval_transform(self.preprocessing), flipped_eval_transform(self.preprocessing)]

@@ -70,6 +70,8 @@ class TransferClassifier(LightningModule):
         self.preprocessing = resolved.preprocessing
         self.freeze_backbone = freeze_backbone
         self.class_weights = class_weights
+        if not 0 <= label_smoothing < 1:
+            raise CaltechError(f"model.label_smoothing {label_smoothing} is not in [0, 1). Fix: pass e.g. 0.1, or 0.")
         self.label_smoothing = label_smoothing
         # Per-class weights of the training loss, from the training labels when fit starts.
         self.loss_weights: torch.Tensor | None = None
@@ -158,10 +160,10 @@ class TransferClassifier(LightningModule):
         """Weigh the classes of the training loss by their training images (``class_weights``)."""
         if self.class_weights == "none":
             return
-        labels = getattr(getattr(self.trainer, "datamodule", None), "train_set", None)
-        if labels is None:
+        train_set = getattr(getattr(self.trainer, "datamodule", None), "train_set", None)
+        if train_set is None:
             raise CaltechError("model.class_weights needs the training labels. Fix: fit with a data module.")
-        counts = torch.bincount(torch.as_tensor(list(labels.labels)), minlength=len(self.class_names or []))
+        counts = torch.bincount(torch.as_tensor(list(train_set.labels)), minlength=len(self.class_names or []))
         self.loss_weights = inverse_frequency(counts, 1.0 if self.class_weights == "inverse" else 0.5).to(self.device)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, training: bool) -> torch.Tensor:

@@ -184,3 +184,9 @@ def test_class_weighted_smoothed_training_loss(image_folder, tmp_path, class_wei
     assert torch.allclose(model.loss(logits, labels, training=True), expected, atol=1e-5)
     plain = -logp[torch.arange(6), labels].mean()
     assert torch.allclose(model.loss(logits, labels, training=False), plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, 1.0, 2.5])
+def test_label_smoothing_out_of_range_is_refused(smoothing):
+    with pytest.raises(CaltechError, match=r"model.label_smoothing .* is not in \[0, 1\)"):
+        TransferClassifier(weights=None, num_classes=3, label_smoothing=smoothing)
