@@ -21,6 +21,8 @@ from caltech_cli.callbacks import HISTORY, read_history as read_history_file  # 
 from caltech_cli.errors import CaltechError, writable_folder  # noqa: E402
 from caltech_cli.report import printable, text_cell  # noqa: E402
 
+# Top-1 and mean per-class accuracy side by side: Caltech-101 is imbalanced, and papers report the latter.
+VAL_COLUMNS = ["val/acc", "val/acc_macro"]
 TEST_COLUMNS = ["test/acc", "test/acc_top5", "test/acc_macro", "test/loss"]
 
 
@@ -66,12 +68,12 @@ def compare(runs: list[Path], output: Path) -> list[Path]:
     fig.savefig(picture, dpi=110)
     plt.close(fig)
 
-    header = ["run", "epochs", "best val/acc", *TEST_COLUMNS]
+    header = ["run", "epochs", *(f"best {key}" for key in VAL_COLUMNS), *TEST_COLUMNS]
     rows = []
     for run, history in histories.items():
         test = read_test_metrics(run)
-        best = max((row["val/acc"] for row in history if "val/acc" in row), default=None)
-        cells = [names[run], str(len(history)), "" if best is None else f"{best:.4f}"]
+        best = [max((row[key] for row in history if key in row), default=None) for key in VAL_COLUMNS]
+        cells = [names[run], str(len(history)), *("" if value is None else f"{value:.4f}" for value in best)]
         rows.append(cells + [f"{test[c]:.4f}" if c in test else "" for c in TEST_COLUMNS])
     table_csv = output / "comparison.csv"
     with open(table_csv, "w", newline="", encoding="utf-8") as f:

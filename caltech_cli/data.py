@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,8 +31,10 @@ from caltech_cli.images import (
     NOT_AN_IMAGE,
     LabelledImages,
     UnlabelledImages,
+    Views,
     eval_transform,
     find_images,
+    flipped_eval_transform,
     image_problem,
     stratified_split,
     train_transform,
@@ -125,6 +128,10 @@ class ImageClassificationDataModule(LightningDataModule):
             MobileNetV2 about 1.7x faster than 32), 32 on a GPU (the pass waits on decoding, and
             smaller batches reach the device sooner). The head may learn from larger batches
             (``batch_size``).
+        tta_flip: Test-time augmentation: ``validate``, ``test`` and ``predict`` average the
+            model's probabilities over each image and its mirror image. With cached features the
+            mirror images' features are cached too (one more backbone pass over the split, once).
+            Validation inside ``fit`` stays single-view, so a fit costs what it did.
         preprocessing: Image size and normalization; linked from the model's weights by the CLI.
     """
 
@@ -152,6 +159,7 @@ class ImageClassificationDataModule(LightningDataModule):
         cache_views: int = 0,
         cache_dir: str | None = None,
         feature_batch_size: int | None = None,
+        tta_flip: bool = False,
         preprocessing: Preprocessing | None = None,
     ) -> None:
         super().__init__()
@@ -186,6 +194,7 @@ class ImageClassificationDataModule(LightningDataModule):
         self.cache_views = cache_views
         self.cache_dir = Path(cache_dir) if cache_dir else self.data_dir / "feature-cache"
         self.feature_batch_size = feature_batch_size
+        self.tta_flip = tta_flip
         self.preprocessing = preprocessing or Preprocessing()
         self._class_names: list[str] | None = None
         self._splits: list[LabelledImages] | None = None
@@ -481,36 +490,64 @@ class ImageClassificationDataModule(LightningDataModule):
         """
         model = self._frozen_model()
         if model is None:
-            return self._images(split)
-        if split not in self._features:
+            images = self._images(split)
+            if self._tta(split):
+                images = replace(images, transform=Views(self._tta_transforms()))
+            return images
+        if self._stored(split) not in self._features:
             precision = self.trainer.precision_plugin
 
             def extract(images: torch.Tensor) -> torch.Tensor:
                 with precision.forward_context():
                     return model.features(images)
 
-            wanted = [s for s in STAGE_SPLITS.get(self.trainer.state.fn, ()) if s not in self._features]
-            splits = [self._to_cache(name) for name in dict.fromkeys([*wanted, split])]
+            wanted = [s for s in STAGE_SPLITS.get(self.trainer.state.fn, ()) if self._stored(s) not in self._features]
+            names = list(dict.fromkeys([*wanted, split]))
+            splits = [s for name in names for s in self._to_cache(name)]
             batch_size = self.feature_batch_size or FEATURE_BATCH_SIZE.get(self._device.type, 32)
             images = sum(s.views * len(s.dataset) for s in splits)
-            self._features.update(cached_features(
+            found = cached_features(
                 extract, model.backbone, splits, self.cache_dir, self.preprocessing, str(self.trainer.precision),
                 batch_size, loader_workers(self.num_workers, images, batch_size),
-            ))
-        return self._features[split]
+            )
+            for name in names:
+                if self._tta(name):
+                    views = torch.cat([found[name].features, found[f"{name}_flip"].features])
+                    self._features[self._stored(name)] = CachedFeatures(views, found[name].labels, all_views=True)
+                else:
+                    self._features[name] = found[name]
+        return self._features[self._stored(split)]
 
     def _images(self, split: str) -> LabelledImages:
         return getattr(self, f"{split}_set")
 
-    def _to_cache(self, split: str) -> Split:
+    def _tta(self, split: str) -> bool:
+        """Whether the split is evaluated on several views: with ``tta_flip``, for val and test
+        outside ``fit`` (fit's validation stays single-view, so it costs what it did)."""
+        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        return self.tta_flip and split != "train" and not fitting
+
+    def _stored(self, split: str) -> str:
+        """The split's key among the loaded features: single-view and TTA features differ."""
+        return f"{split}+flip" if self._tta(split) else split
+
+    def _tta_transforms(self) -> list[Callable]:
+        return [eval_transform(self.preprocessing), flipped_eval_transform(self.preprocessing)]
+
+    def _to_cache(self, split: str) -> list[Split]:
         """What the cache holds for a split: the evaluation transform's view, or for training with
-        ``cache_views`` that many augmented views."""
+        ``cache_views`` that many augmented views; with test-time augmentation also the mirror
+        images' view, as a split of its own (``<split>_flip``), so single-view runs share the first."""
         pre = self.preprocessing
         if split == "train" and self.cache_views > 0:
             transform = train_transform(pre, self.crop_scale)
-            return Split(split, replace(self.train_set, transform=transform), f"train{list(self.crop_scale)}",
-                         self.cache_views)
-        return Split(split, replace(self._images(split), transform=eval_transform(pre)), "eval")
+            return [Split(split, replace(self.train_set, transform=transform), f"train{list(self.crop_scale)}",
+                          self.cache_views)]
+        splits = [Split(split, replace(self._images(split), transform=eval_transform(pre)), "eval")]
+        if self._tta(split):
+            flipped = replace(self._images(split), transform=flipped_eval_transform(pre))
+            splits.append(Split(f"{split}_flip", flipped, "eval-hflip"))
+        return splits
 
     # -- loaders -------------------------------------------------------------------------------
 
@@ -546,7 +583,12 @@ class ImageClassificationDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         pre = self.preprocessing
-        return self._loader(UnlabelledImages(self.predict_files, eval_transform(pre), pre.crop_size, pre.resize_size))
+        if self.tta_flip:
+            images = UnlabelledImages(self.predict_files, Views(self._tta_transforms()), pre.crop_size,
+                                      pre.resize_size, views=2)
+        else:
+            images = UnlabelledImages(self.predict_files, eval_transform(pre), pre.crop_size, pre.resize_size)
+        return self._loader(images)
 
 
 class Caltech101DataModule(ImageClassificationDataModule):

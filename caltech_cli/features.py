@@ -63,16 +63,21 @@ def files_fingerprint(dataset: LabelledImages) -> str:
 
 class CachedFeatures(Dataset):
     """Stored features with their labels; with several augmented views, each access picks one
-    at random, so every epoch sees a different view of each image, as with live augmentation."""
+    at random, so every epoch sees a different view of each image, as with live augmentation.
+    With ``all_views`` (test-time augmentation) each access gives every view, (views, width),
+    and the model averages its probabilities over them."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, all_views: bool = False) -> None:
         self.features = features  # (views, images, width)
         self.labels = labels
+        self.all_views = all_views
 
     def __len__(self) -> int:
         return self.labels.numel()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.all_views:
+            return self.features[:, index], int(self.labels[index])
         view = random.randrange(self.features.shape[0]) if self.features.shape[0] > 1 else 0
         return self.features[view, index], int(self.labels[index])
 

@@ -180,6 +180,22 @@ def eval_transform(pre: Preprocessing) -> Callable:
     )
 
 
+def flipped_eval_transform(pre: Preprocessing) -> Callable:
+    """The evaluation transform of the mirror image: the second view of test-time augmentation."""
+    return v2.Compose([v2.RandomHorizontalFlip(p=1.0), eval_transform(pre)])
+
+
+@dataclass
+class Views:
+    """Several transforms of one image, stacked (views, 3, H, W); the model averages its
+    probabilities over the views (test-time augmentation)."""
+
+    transforms: Sequence[Callable]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.stack([transform(image) for transform in self.transforms])
+
+
 @dataclass
 class LabelledImages(Dataset):
     """Image files with class indices, each split with its own transform.
@@ -253,6 +269,7 @@ class UnlabelledImages(Dataset):
     transform: Callable
     crop_size: int
     min_size: int | None = None
+    views: int = 1  # the transform's views of each image (``Views``)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -262,4 +279,5 @@ class UnlabelledImages(Dataset):
             return self.transform(load_rgb(self.files[index], self.min_size)), index, ""
         except UNREADABLE as error:
             blank = torch.zeros(3, self.crop_size, self.crop_size)
+            blank = blank.expand(self.views, -1, -1, -1).clone() if self.views > 1 else blank
             return blank, index, f"{type(error).__name__}: {error}"

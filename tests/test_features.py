@@ -10,10 +10,12 @@ import re
 import pytest
 import pytorch_lightning as pl
 import torch
+from PIL import ImageOps
 
 from caltech_cli import features
 from caltech_cli.backbones import preprocessing_for
 from caltech_cli.data import Caltech101DataModule
+from caltech_cli.images import eval_transform, flipped_eval_transform, load_rgb
 from caltech_cli.model import TransferClassifier
 
 PRE = preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", image_size=64)
@@ -231,9 +233,66 @@ def test_ddp_on_cpu_end_to_end(tar_archive, tmp_path):
 
     with open(tmp_path / "runs" / "history.csv", newline="") as f:
         logged = list(csv.DictReader(f))[-1]
+    # fit validates on the images alone; the config's validate adds their mirror images (tta_flip).
     alone = run_caltech("validate", *options, "--ckpt_path", str(tmp_path / "runs" / "checkpoints" / "last.ckpt"),
-                        cwd=tmp_path)
+                        "--data.tta_flip", "false", cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr[-3000:]
     printed = printed_metrics(alone.stdout, "val")
-    for name in ("val/acc", "val/loss"):
+    for name in ("val/acc", "val/acc_macro", "val/loss"):
         assert printed[name] == pytest.approx(float(logged[name]), rel=1e-5), name
+
+
+def test_tta_flip_view_is_cached_and_eval_averages_the_views(image_folder, tmp_path, passes):
+    """With ``tta_flip`` the test split's mirror images go through the backbone in the test's one
+    pass and are stored; the model's scores of a test image are the log of its probabilities
+    averaged over both views. Fit's own validation stays single-view."""
+    model, data, metrics = fit(image_folder, tmp_path, epochs=1, cache_features=True, tta_flip=True)
+    assert passes == [10 + 19, 9 + 9], "fit as without TTA; the test and its mirror view in one pass"
+    cached = data.test_dataloader().dataset
+    assert cached.features.shape[:2] == (2, 9) and cached.all_views
+    first = data.test_set.files[0]
+    model.eval()
+    with torch.no_grad():
+        mirrored = model.features(flipped_eval_transform(PRE)(load_rgb(first))[None])[0]
+        assert torch.allclose(cached.features[1, 0], mirrored, atol=1e-4), "the second view is the mirror image"
+        assert not torch.allclose(cached.features[0, 0], mirrored, atol=1e-3)
+        views = cached.features.transpose(0, 1)  # (images, views, width), as the loader batches them
+        probs = model.head(cached.features).softmax(dim=-1).mean(dim=0)
+        assert torch.allclose(model(views).softmax(dim=1), probs, atol=1e-5)
+    accuracy = (probs.argmax(dim=1) == cached.labels).float().mean()
+    assert metrics["test/acc"] == pytest.approx(float(accuracy))
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "data" / "feature-cache").glob("*.pt")) == [
+        "test", "test_flip", "train", "val"
+    ]
+
+
+def test_tta_flip_without_the_cache_stacks_the_views(image_folder, tmp_path):
+    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), num_workers=0,
+                                preprocessing=PRE, tta_flip=True)
+    image = load_rgb(data.val_set.files[0])
+    stacked, _ = data._dataset("val")[0]
+    assert torch.equal(stacked[0], eval_transform(PRE)(image))
+    assert torch.equal(stacked[1], eval_transform(PRE)(ImageOps.mirror(image)))
+    assert data._dataset("train")[0][0].shape == (3, 64, 64), "training stays single-view"
+
+
+def test_predict_with_tta_flip_averages_image_and_mirror(image_folder, tmp_path):
+    files = sorted(image_folder.glob("**/circles/image_000[1-3].jpg"))
+    assert len(files) == 3
+    (tmp_path / "photos").mkdir()
+    for file in files:
+        (tmp_path / "photos" / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"not an image")
+    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), batch_size=8, num_workers=0,
+                                preprocessing=PRE, predict_dir=str(tmp_path / "photos"), tta_flip=True)
+    model = TransferClassifier(image_size=64, class_names=["circles", "squares", "stripes"]).eval()
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    (batch,) = trainer.predict(model, datamodule=data)
+    assert batch["error"][0] and not any(batch["error"][1:]), "the unreadable file is one error row"
+    with torch.no_grad():
+        for row, path in zip(batch["probs"][1:], [tmp_path / "photos" / f.name for f in files]):
+            image = load_rgb(path)
+            views = torch.stack([eval_transform(PRE)(image), eval_transform(PRE)(ImageOps.mirror(image))])
+            assert torch.allclose(row, model(views).softmax(dim=1).mean(dim=0), atol=1e-5)
+            assert not torch.allclose(row, model(views[:1]).softmax(dim=1)[0], atol=1e-4), "not the image alone"

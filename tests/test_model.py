@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,11 @@ from caltech_cli import backbones
 from caltech_cli.backbones import preprocessing_for, resolve_backbone
 from caltech_cli.data import Caltech101DataModule
 from caltech_cli.errors import CaltechError
-from caltech_cli.model import TransferClassifier
+from caltech_cli.model import TransferClassifier, inverse_frequency
 from caltech_cli.sources import file_digest
 
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
+PRE64 = preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", image_size=64)
 
 
 @pytest.fixture
@@ -138,3 +140,53 @@ def test_checkpoint_names_the_classes_when_the_model_has_none():
     assert model.head is None
     model.on_load_checkpoint({"hyper_parameters": {"backbone": "mobilenet_v2", "class_names": ["x", "y"]}})
     assert model.class_names == ["x", "y"] and model.head.out_features == 2
+
+
+def test_inverse_frequency_weights():
+    counts = torch.tensor([2, 6, 0])
+    assert torch.allclose(inverse_frequency(counts, 1.0), torch.tensor([8 / 6, 8 / 18, 0.0]))
+    assert torch.allclose(inverse_frequency(counts, 0.5), torch.tensor([(8 / 6) ** 0.5, (8 / 18) ** 0.5, 0.0]))
+
+
+@pytest.mark.parametrize("class_weights", ["inverse", "sqrt_inverse"])
+def test_class_weighted_smoothed_training_loss(image_folder, tmp_path, class_weights):
+    """Fit takes the class weights from the training labels; the training loss is the weighted,
+    label-smoothed cross-entropy computed by hand, while val and test losses stay plain. Fit logs
+    val/acc_macro beside val/acc."""
+    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), batch_size=8,
+                                num_workers=0, cache_features=True, preprocessing=PRE64,
+                                )
+    data._make_splits()
+    # An imbalanced training set: drop most of the first class's training images.
+    first = [i for i, label in enumerate(data.train_set.labels) if label == 0][1:]
+    keep = [i for i in range(len(data.train_set)) if i not in first]
+    data._splits[0] = dataclasses.replace(data.train_set, files=[data.train_set.files[i] for i in keep],
+                                          labels=[data.train_set.labels[i] for i in keep])
+    model = TransferClassifier(image_size=64, class_names=data.class_names, class_weights=class_weights,
+                               label_smoothing=0.1)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    assert "val/acc_macro" in trainer.callback_metrics
+    counts = torch.bincount(torch.tensor(data.train_set.labels), minlength=3).float()
+    power = 1.0 if class_weights == "inverse" else 0.5
+    weights = (counts.sum() / (3 * counts)) ** power
+    assert counts[0] == 1 and torch.allclose(model.loss_weights, weights)
+    features = torch.randn(6, model.num_features)
+    labels = torch.tensor([0, 1, 2, 2, 1, 1])
+    logp = model.head(features).log_softmax(dim=1)
+    # Label smoothing 0.1 over 3 classes: target 0.9 + 0.1/3 on the label, 0.1/3 elsewhere.
+    target = torch.full((6, 3), 0.1 / 3)
+    target[torch.arange(6), labels] += 0.9
+    per_class = -(target * logp * weights).sum(dim=1)  # torch's weighted smoothing weighs each class term
+    expected = per_class.sum() / weights[labels].sum()
+    logits = model.head(features)
+    assert torch.allclose(model.loss(logits, labels, training=True), expected, atol=1e-5)
+    plain = -logp[torch.arange(6), labels].mean()
+    assert torch.allclose(model.loss(logits, labels, training=False), plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, 1.0, 2.5])
+def test_label_smoothing_out_of_range_is_refused(smoothing):
+    with pytest.raises(CaltechError, match=r"model.label_smoothing .* is not in \[0, 1\)"):
+        TransferClassifier(weights=None, num_classes=3, label_smoothing=smoothing)

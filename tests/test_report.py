@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from conftest import CLASSES, SCRATCH, TRANSFER, draw, printed_metrics, run_caltech, small_run
-from PIL import Image
+from PIL import Image, ImageOps
 
 REPORT_FILES = {"metrics.json", "per_class.csv", "confusion_matrix.png", "pr_curves.png", "predictions.png",
                 "top_losses.png", "top_losses.csv", "most_confused.png", "most_confused.csv"}
@@ -127,6 +127,8 @@ def test_compare_two_runs(trained_run, tmp_path):
     assert len(rows) == 2 and rows[0]["epochs"] == "4" and rows[1]["epochs"] == "2"
     transfer_acc = json.loads((trained_run.runs / "report" / "metrics.json").read_text())["test/acc"]
     assert rows[0]["test/acc"] == f"{transfer_acc:.4f}"
+    history = list(csv.DictReader(open(trained_run.runs / "history.csv")))
+    assert rows[0]["best val/acc_macro"] == f"{max(float(r['val/acc_macro']) for r in history):.4f}"
     markdown = (tmp_path / "cmp" / "comparison.md").read_text()
     assert markdown.count("\n") == 4 and "test/acc_macro" in markdown
 
@@ -228,8 +230,11 @@ def test_report_shows_the_truly_worst_test_images(trained_run, tmp_path):
     model = TransferClassifier.load_from_checkpoint(trained_run.best, map_location="cpu", weights_only=True).eval()
     files = sorted(drawn)
     truth = [model.class_names.index(Path(f).parent.name) for f in files]
+    images = [load_rgb(Path(f)) for f in files]
     with torch.no_grad():
-        probs = model(torch.stack([eval_transform(model.preprocessing)(load_rgb(Path(f))) for f in files])).softmax(1)
+        # The transfer config tests with flip TTA: each image's probabilities averaged with its mirror image's.
+        probs = sum(model(torch.stack([eval_transform(model.preprocessing)(view(i)) for i in images])).softmax(1)
+                    for view in (lambda i: i, ImageOps.mirror)) / 2
     losses = {f: -float(probs[i, truth[i]].log()) for i, f in enumerate(files)}
     with open(tmp_path / "report" / "top_losses.csv") as f:
         rows = list(csv.DictReader(f))
