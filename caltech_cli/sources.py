@@ -1,6 +1,6 @@
 """Getting a data set onto disk: download, verify, extract, find the image folder.
 
-A download streams into ``<name>.part`` and is renamed into place only once it is complete and
+A download streams into a ``.<name>.*.part`` file of its own and is renamed into place only once it is complete and
 its checksum matches, so a file with the final name is always a whole one. An extraction goes
 into a temporary folder and is moved into place, then its marker says it is complete: a folder
 whose marker does not say so is never used, and a folder without a marker is the user's and is
@@ -96,21 +96,49 @@ def _fetch(url: str, partial: Path, name: str, checksum: str | None, timeout: fl
     return digest.hexdigest() if digest is not None else ""
 
 
+def _download_marker(target: Path) -> Path:
+    return target.with_name(f".{target.name}.download")
+
+
+def _downloaded_from(target: Path) -> str | None:
+    """The URL that :func:`download` fetched ``target`` from, as its marker records; None when
+    the file is not one of its downloads (the user put it there, or the marker is unreadable)."""
+    try:
+        marked = json.loads(_download_marker(target).read_text())
+    except (OSError, ValueError):
+        return None
+    return marked.get("url") if isinstance(marked, dict) else None
+
+
 def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0, attempts: int = 3) -> Path:
     """Stream ``url`` into ``folder`` with a progress bar; reuse a complete earlier download.
 
     Network errors and time-outs are retried ``attempts`` times with growing pauses; a partial
-    file is deleted, never used.
+    file is deleted, never used. A file of the same name that does not match ``checksum`` is
+    replaced only when it is an earlier download of the same URL (a marker beside it says so):
+    anything else there is the user's, and is never overwritten.
     """
-    name = Path(urlparse(url).path).name or "download"
+    name = Path(urlparse(url).path).name
+    if name in ("", ".", ".."):
+        name = "download"
     target = folder / name
     if target.is_file() and (checksum is None or file_checksum(target, checksum)):
         log.info("Reusing the downloaded %s", target)
         return target
+    if (target.exists() or target.is_symlink()) and (target.is_symlink() or _downloaded_from(target) != url):
+        why = "does not match the checksum" if target.is_file() else "is not a file"
+        raise CaltechError(
+            f"{target} is in the way of the download of {url}: it {why}, and it is not an earlier download of "
+            f"that URL. Fix: move it out of {folder}, or pass it with --data.source if it is the archive you want."
+        )
     folder.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
     expected = _hasher(checksum)[1] if checksum else None
     for attempt in range(1, attempts + 1):
+        # A name of its own, so that no file of the user's (a ``<name>.part``) is written over.
+        handle, scratch = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+        os.fchmod(handle, 0o644)
+        os.close(handle)
+        partial = Path(scratch)
         try:
             got = _fetch(url, partial, name, checksum, timeout)
             break
@@ -123,12 +151,16 @@ def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0
                 ) from error
             log.warning("Download of %s failed (%s); trying again (%d of %d)", url, error, attempt + 1, attempts)
             time.sleep(RETRY_PAUSE_S * attempt)
+        except BaseException:  # Ctrl-C, SIGTERM: no half file stays behind
+            partial.unlink(missing_ok=True)
+            raise
     if expected is not None and got != expected:
         partial.unlink(missing_ok=True)
         raise CaltechError(
             f"the download of {url} has checksum {got}, expected {expected}: the file is "
             "damaged or not the one expected. Fix: try again, or pass another source with --data.source."
         )
+    _download_marker(target).write_text(json.dumps({"url": url}))
     os.replace(partial, target)
     return target
 

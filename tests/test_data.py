@@ -76,7 +76,7 @@ def test_download_with_wrong_checksum_leaves_nothing(tar_archive, tmp_path):
     dm = module(tar_archive.as_uri(), tmp_path / "data", checksum="sha256:" + "0" * 64)
     with pytest.raises(CaltechError, match="checksum"):
         dm.prepare_data()
-    assert not list((tmp_path / "data").glob(f"{tar_archive.name}*")), "no partial or bad file may stay"
+    assert not list((tmp_path / "data").glob(f"*{tar_archive.name}*")), "no partial or bad file may stay"
     assert not (tmp_path / "data" / FOLDER).exists()
 
 

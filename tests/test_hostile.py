@@ -465,7 +465,7 @@ def test_download_gives_one_error_after_its_attempts(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "RETRY_PAUSE_S", 0.0)
     with pytest.raises(CaltechError, match=r"3 attempts.*--data.source"):
         sources.download((tmp_path / "missing.zip").as_uri(), tmp_path / "data", checksum=None)
-    assert not list((tmp_path / "data").glob("missing.zip*")), "no partial file stays"
+    assert not list((tmp_path / "data").glob("*missing.zip*")), "no partial file stays"
 
 
 def test_ctrl_c_during_fit_saves_a_checkpoint(tar_archive, tmp_path):
@@ -500,3 +500,37 @@ def test_image_that_fails_in_training_is_skipped_with_the_option(tmp_path):
     assert f"Skipping {bad}, which cannot be read" in skipping.stderr
     assert f"Skipped 1 image files that could not be read (the next image of the class took each one's place): {bad}" \
         in skipping.stderr
+
+
+def test_file_of_the_user_in_the_way_of_a_download_is_never_replaced(tar_archive, tmp_path):
+    """A same-named file in data_dir that the tool did not download (another version, the user's
+    own) stops the run with one line naming it; it and a ``<name>.part`` of the user's stay."""
+    data = tmp_path / "data"
+    data.mkdir()
+    theirs, their_part = data / tar_archive.name, data / f"{tar_archive.name}.part"
+    theirs.write_bytes(b"another version")
+    their_part.write_bytes(b"notes")
+    digest = sources.hashlib.sha256(tar_archive.read_bytes()).hexdigest()
+    result = run_caltech("fit", *small_run(tmp_path, tar_archive.as_uri()), "--data.checksum", f"sha256:{digest}",
+                         "--trainer.logger", "false", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("caltech: error:")]
+    assert len(errors) == 1 and f"{theirs} is in the way" in errors[0] and "Fix: move it out" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert theirs.read_bytes() == b"another version" and their_part.read_bytes() == b"notes"
+    (data / "folder.zip").mkdir()
+    with pytest.raises(CaltechError, match="folder.zip is in the way .* is not a file"):
+        sources.download((tmp_path / "folder.zip").as_uri(), data, checksum=None)
+    assert (data / "folder.zip").is_dir()
+
+
+def test_earlier_download_of_the_same_url_with_another_checksum_is_replaced(tar_archive, tmp_path):
+    """Regression guard: the tool's own earlier download (the file changed upstream, or was damaged
+    on disk) is fetched again when the checksum asks for other bytes."""
+    data = tmp_path / "data"
+    path = sources.download(tar_archive.as_uri(), data, checksum=None)
+    path.write_bytes(b"damaged on disk")
+    digest = sources.hashlib.sha256(tar_archive.read_bytes()).hexdigest()
+    again = sources.download(tar_archive.as_uri(), data, checksum=f"sha256:{digest}")
+    assert again == path and path.read_bytes() == tar_archive.read_bytes()
+    assert sorted(p.name for p in data.iterdir()) == sorted([path.name, f".{path.name}.download"])
