@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from caltech_cli import sources
 from caltech_cli.backbones import Preprocessing
 from caltech_cli.errors import CaltechError, writable_folder
-from caltech_cli.features import CachedFeatures, Split, cached_features
+from caltech_cli.features import CachedFeatures, Split, cached_features, keep_batch
 from caltech_cli.images import (
     IMAGE_EXTENSIONS,
     NOT_AN_IMAGE,
@@ -570,6 +570,7 @@ class ImageClassificationDataModule(LightningDataModule):
             generator=None if shuffle else torch.Generator().manual_seed(self.seed),
             # Pinned pages let the copy to a GPU overlap the next step (Lightning copies non-blocking).
             pin_memory=self._device.type == "cuda",
+            collate_fn=keep_batch if cached else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -65,7 +65,12 @@ class CachedFeatures(Dataset):
     """Stored features with their labels; with several augmented views, each access picks one
     at random, so every epoch sees a different view of each image, as with live augmentation.
     With ``all_views`` (test-time augmentation) each access gives every view, (views, width),
-    and the model averages its probabilities over them."""
+    and the model averages its probabilities over them.
+
+    A loader fetches a whole batch with one indexing operation (``__getitems__``, with
+    :func:`keep_batch` as its ``collate_fn``): the head's epochs cost little more than its steps,
+    where picking and stacking items one by one cost more than the head itself.
+    """
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, all_views: bool = False) -> None:
         self.features = features  # (views, images, width)
@@ -76,10 +81,23 @@ class CachedFeatures(Dataset):
         return self.labels.numel()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        features, labels = self.__getitems__([index])
+        return features[0], int(labels[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of these items: (len, width) features, or (len, views, width) with
+        ``all_views``, and their labels; the same draws of views as item by item."""
+        rows = torch.as_tensor(indices, dtype=torch.long)
         if self.all_views:
-            return self.features[:, index], int(self.labels[index])
-        view = random.randrange(self.features.shape[0]) if self.features.shape[0] > 1 else 0
-        return self.features[view, index], int(self.labels[index])
+            return self.features[:, rows].transpose(0, 1), self.labels[rows]
+        count = self.features.shape[0]
+        views = torch.as_tensor([random.randrange(count) for _ in indices]) if count > 1 else torch.zeros_like(rows)
+        return self.features[views, rows], self.labels[rows]
+
+
+def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``collate_fn`` for :class:`CachedFeatures`, whose ``__getitems__`` makes the batch."""
+    return batch
 
 
 @dataclass

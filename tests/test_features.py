@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import random
 import re
 
 import pytest
@@ -296,3 +297,21 @@ def test_predict_with_tta_flip_averages_image_and_mirror(image_folder, tmp_path)
             views = torch.stack([eval_transform(PRE)(image), eval_transform(PRE)(ImageOps.mirror(image))])
             assert torch.allclose(row, model(views).softmax(dim=1).mean(dim=0), atol=1e-5)
             assert not torch.allclose(row, model(views[:1]).softmax(dim=1)[0], atol=1e-4), "not the image alone"
+
+
+def test_cached_features_come_a_whole_batch_at_a_time_as_item_by_item():
+    """A loader over cached features fetches each batch in one indexing operation; the batch is
+    what fetching and stacking item by item gives, random views drawn in the same order."""
+    stored, labels = torch.randn(3, 10, 4), torch.arange(10) % 4
+    cached = features.CachedFeatures(stored, labels)
+    random.seed(0)
+    loader = torch.utils.data.DataLoader(cached, batch_size=3, collate_fn=features.keep_batch)
+    batched = list(loader)
+    random.seed(0)
+    items = [cached[i] for i in range(10)]
+    assert [len(b[0]) for b in batched] == [3, 3, 3, 1]
+    assert torch.equal(torch.cat([b[0] for b in batched]), torch.stack([f for f, _ in items]))
+    assert torch.cat([b[1] for b in batched]).tolist() == [label for _, label in items] == labels.tolist()
+    both = features.CachedFeatures(stored, labels, all_views=True)
+    views, batch_labels = both.__getitems__([7, 2])
+    assert views.shape == (2, 3, 4) and torch.equal(views[0], stored[:, 7]) and batch_labels.tolist() == [3, 2]
