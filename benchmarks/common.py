@@ -128,7 +128,8 @@ class GpuSampler:
 
 
 def feature_pass(run: Run, split: str) -> tuple[float, float, float, int] | None:
-    """(printed at, seconds, images/s, images) of a split's cache pass in ``caltech``'s output."""
+    """(printed at, seconds, images/s, images) of a split's cache pass in ``caltech``'s output;
+    ``split`` is a regular expression for the names the line gives ("val and train")."""
     for at, line in run.lines:
         found = re.search(rf"Cached {split} features of (\d+) images .*\(([0-9.]+) s on \S+, ([0-9.]+) images/s\)",
                           line)

@@ -122,7 +122,7 @@ def main() -> None:
     print(f"    cold - warm:               {cold.seconds - warm.seconds:8.1f} s  "
           f"{(cold.seconds - warm.seconds) / floor_s:5.2f}x floor")
     tested = caltech("test", *options, "--ckpt_path", str(root / "best.ckpt"), cwd=work)
-    at, test_s, test_rate, test_images = feature_pass(tested, "test")
+    at, test_s, test_rate, test_images = feature_pass(tested, r"test(?: and test_flip)?")  # TTA: mirror view too
     print(f"(t) test's feature pass:       {test_s:8.1f} s  {test_rate:7.1f} img/s  "
           f"{test_rate / (images / floor_s):5.2f}x floor's img/s; whole command {tested.seconds:.1f} s, "
           f"test/acc {test_acc(tested.output):.4f}")
