@@ -31,6 +31,21 @@ SCRATCH = str(REPO / "configs" / "scratch.yaml")
 REAL_ARCHIVE = REPO.parent / "shared/data/caltech101/101_ObjectCategories.tar.gz"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--real-data", action="store_true",
+                     help="also run the end-to-end checks on the real Caltech-101 archive (minutes)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Checks on the real data are opt-in: the suite runs on generated images."""
+    if config.getoption("--real-data"):
+        return
+    skip = pytest.mark.skip(reason="on the real archive: run with --real-data")
+    for item in items:
+        if "real_data" in item.keywords:
+            item.add_marker(skip)
+
+
 def draw(kind: str, rng: np.random.Generator) -> Image.Image:
     """One image of a class: its shape in its colour on a noisy background of random size."""
     w, h = (int(v) for v in rng.integers(48, 96, size=2))
