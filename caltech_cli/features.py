@@ -178,6 +178,8 @@ def _load_cache(path: Path, key: dict, dataset: LabelledImages, views: int, name
             stored.get("key") == json.dumps(key)
             and isinstance(features, torch.Tensor)
             and isinstance(labels, torch.Tensor)
+            and features.dtype == torch.float32
+            and labels.dtype == torch.long
             and features.dim() == 3
             and tuple(features.shape[:2]) == (views, len(dataset))
             and labels.tolist() == list(dataset.labels)

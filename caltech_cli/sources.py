@@ -1,10 +1,11 @@
 """Getting a data set onto disk: download, verify, extract, find the image folder.
 
-A download streams into a ``.<name>.*.part`` file of its own and is renamed into place only once it is complete and
-its checksum matches, so a file with the final name is always a whole one. An extraction goes
-into a temporary folder and is moved into place, then its marker says it is complete: a folder
-whose marker does not say so is never used, and a folder without a marker is the user's and is
-never replaced.
+A download streams into a ``.<name>.*.part`` file of its own and is renamed into place only once
+it is complete (the length the server announced) and its checksum matches, so a file with the
+final name is always a whole one; a marker beside it says which URL it came from, so that only
+the tool's own downloads are ever replaced. An extraction goes into a temporary folder and is
+moved into place, then its marker says it is complete: a folder whose marker does not say so is
+never used, and a folder without a marker is the user's and is never replaced.
 
 Archives come from the internet, so extraction trusts nothing in them. tar and zip archives are
 read and written here, member by member, by Python's ``tarfile`` and ``zipfile``, so what is
@@ -20,15 +21,19 @@ patool, and what it wrote is then checked and made the same way.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import lzma
 import os
 import posixpath
+import re
 import shutil
+import signal
 import stat
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 import zipfile
@@ -83,86 +88,188 @@ def file_checksum(path: Path, checksum: str) -> bool:
 
 
 def _fetch(url: str, partial: Path, name: str, checksum: str | None, timeout: float) -> str:
-    """Stream ``url`` into ``partial``; return its digest ('' when no checksum is asked for)."""
+    """Stream ``url`` into ``partial``; return its digest ('' when no checksum is asked for).
+
+    A connection that closes before the length the server announced is an error (Python's
+    ``read`` just returns short), so a half file is never taken for a whole one."""
     digest = _hasher(checksum)[0] if checksum else None
+    received = 0
     with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {name}") as bar:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
+                received += len(block)
                 if digest is not None:
                     digest.update(block)
                 bar.update(len(block))
+    if total is not None and received != total:
+        raise ConnectionError(f"the connection closed after {received} of the {total} bytes announced")
     return digest.hexdigest() if digest is not None else ""
+
+
+def download_name(url: str) -> str:
+    """The file name a download of ``url`` gets: the URL's own, with ``.archive`` added where it
+    has no archive suffix (the extracted folder takes the name without the suffix), and a short
+    name made from the URL's hash where the URL's would be too long for a file system."""
+    name = Path(urlparse(url).path).name
+    if name in ("", ".", ".."):
+        name = "download"
+    suffix = next((s for s in ARCHIVE_SUFFIXES if name.lower().endswith(s)), None)
+    if suffix is None:
+        name, suffix = name + ".archive", ".archive"
+    if len(os.fsencode(name)) > 200:
+        name = f"download-{hashlib.sha256(url.encode()).hexdigest()[:16]}{suffix}"
+    return name
 
 
 def _download_marker(target: Path) -> Path:
     return target.with_name(f".{target.name}.download")
 
 
-def _downloaded_from(target: Path) -> str | None:
-    """The URL that :func:`download` fetched ``target`` from, as its marker records; None when
-    the file is not one of its downloads (the user put it there, or the marker is unreadable)."""
+def _marker_problem(target: Path) -> str | None:
+    """Why the marker's place beside ``target`` is not ours to write; None when it is free or holds
+    one of our markers. A link there is never followed, read or written through."""
+    marker = _download_marker(target)
+    if not (marker.exists() or marker.is_symlink()):
+        return None
+    if marker.is_symlink() or not marker.is_file():
+        return f"{marker} is not a file"
+    return None if _read_marker(marker) is not None else f"{marker} is not a marker of caltech's"
+
+
+def _read_marker(marker: Path) -> dict | None:
     try:
-        marked = json.loads(_download_marker(target).read_text())
+        if marker.is_symlink():
+            return None
+        marked = json.loads(marker.read_text())
     except (OSError, ValueError):
         return None
-    return marked.get("url") if isinstance(marked, dict) else None
+    return marked if isinstance(marked, dict) and isinstance(marked.get("url"), str) else None
+
+
+def _downloaded_from(target: Path) -> str | None:
+    """The URL that :func:`download` fetched ``target`` from; None when the file is not one of its
+    downloads as it left it: the user put it there or changed it since (size and modification
+    time are recorded), or there is no readable marker."""
+    marked = _read_marker(_download_marker(target))
+    try:
+        state = target.lstat()
+    except OSError:
+        return None
+    if marked is None or not stat.S_ISREG(state.st_mode):
+        return None
+    if (marked.get("size"), marked.get("mtime_ns")) != (state.st_size, state.st_mtime_ns):
+        return None
+    return marked["url"]
+
+
+def _write_marker(target: Path, url: str) -> None:
+    """Record that ``target`` is the download of ``url``; written to a new file and renamed, so a
+    link in the marker's place is replaced, never written through."""
+    state = target.stat()
+    record = json.dumps({"url": url, "size": state.st_size, "mtime_ns": state.st_mtime_ns})
+    handle, scratch = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".marker")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(record)
+        os.replace(scratch, _download_marker(target))
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises ``SystemExit(143)`` in the block, so its clean-up runs (the default action
+    kills the process where it stands); only in the main thread, where Python handles signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0, attempts: int = 3) -> Path:
     """Stream ``url`` into ``folder`` with a progress bar; reuse a complete earlier download.
 
-    Network errors and time-outs are retried ``attempts`` times with growing pauses; a partial
-    file is deleted, never used. A file of the same name that does not match ``checksum`` is
-    replaced only when it is an earlier download of the same URL (a marker beside it says so):
-    anything else there is the user's, and is never overwritten.
+    Network errors, time-outs and connections that close early are retried ``attempts`` times
+    with growing pauses; a partial file is deleted, never used (also on Ctrl-C and SIGTERM).
+
+    A file of the same name is reused when it matches ``checksum``, or, without one, when it is
+    an earlier download of the same URL or was put there by the user. Otherwise it is replaced
+    only when it is an earlier download of this tool (a marker beside it records the URL, size
+    and modification time): anything else there is the user's, and is never overwritten.
     """
-    name = Path(urlparse(url).path).name
-    if name in ("", ".", ".."):
-        name = "download"
+    name = download_name(url)
     target = folder / name
-    if target.is_file() and (checksum is None or file_checksum(target, checksum)):
-        log.info("Reusing the downloaded %s", target)
-        return target
-    if (target.exists() or target.is_symlink()) and (target.is_symlink() or _downloaded_from(target) != url):
+    ours = _downloaded_from(target)
+    if target.is_file():  # a link the user put there counts as the user's file
+        if checksum is not None and file_checksum(target, checksum):
+            log.info("Reusing the downloaded %s", target)
+            return target
+        if checksum is None and ours in (url, None):
+            log.info("Reusing %s%s", target, "" if ours else " (no checksum to check it against)")
+            return target
+    if (target.exists() or target.is_symlink()) and ours is None:
         why = "does not match the checksum" if target.is_file() else "is not a file"
         raise CaltechError(
             f"{target} is in the way of the download of {url}: it {why}, and it is not an earlier download of "
             f"that URL. Fix: move it out of {folder}, or pass it with --data.source if it is the archive you want."
         )
+    problem = _marker_problem(target)
+    if problem is not None:
+        raise CaltechError(f"{problem}, where the download of {url} keeps its marker. Fix: move it out of {folder}.")
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_parts(folder, name)
     expected = _hasher(checksum)[1] if checksum else None
-    for attempt in range(1, attempts + 1):
-        # A name of its own, so that no file of the user's (a ``<name>.part``) is written over.
-        handle, scratch = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
-        os.fchmod(handle, 0o644)
-        os.close(handle)
-        partial = Path(scratch)
-        try:
-            got = _fetch(url, partial, name, checksum, timeout)
-            break
-        except OSError as error:  # URLError, time-outs and connection resets are OSErrors
-            partial.unlink(missing_ok=True)
-            if attempt == attempts:
-                raise CaltechError(
-                    f"cannot download {url} ({attempts} attempts, last: {error}). Fix: check the network, or "
-                    f"download it yourself and pass the file with --data.source /path/to/{name}."
-                ) from error
-            log.warning("Download of %s failed (%s); trying again (%d of %d)", url, error, attempt + 1, attempts)
-            time.sleep(RETRY_PAUSE_S * attempt)
-        except BaseException:  # Ctrl-C, SIGTERM: no half file stays behind
-            partial.unlink(missing_ok=True)
-            raise
-    if expected is not None and got != expected:
-        partial.unlink(missing_ok=True)
-        raise CaltechError(
-            f"the download of {url} has checksum {got}, expected {expected}: the file is "
-            "damaged or not the one expected. Fix: try again, or pass another source with --data.source."
-        )
-    _download_marker(target).write_text(json.dumps({"url": url}))
-    os.replace(partial, target)
-    return target
+    with _sigterm_raises():
+        for attempt in range(1, attempts + 1):
+            # A name of its own, so that no file of the user's (a ``<name>.part``) is written over.
+            handle, scratch = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+            os.fchmod(handle, 0o644)
+            os.close(handle)
+            partial = Path(scratch)
+            try:
+                got = _fetch(url, partial, name, checksum, timeout)
+                if expected is not None and got != expected:
+                    raise CaltechError(
+                        f"the download of {url} has checksum {got}, expected {expected}: the file is "
+                        "damaged or not the one expected. Fix: try again, or pass another source with --data.source."
+                    )
+                os.replace(partial, target)
+                _write_marker(target, url)
+                return target
+            except (OSError, http.client.HTTPException) as error:  # URLError, time-outs, resets, short reads
+                partial.unlink(missing_ok=True)
+                if attempt == attempts or isinstance(error, http.client.InvalidURL):
+                    raise CaltechError(
+                        f"cannot download {url} ({attempt} attempt{'s' * (attempt > 1)}, last: {error}). Fix: check "
+                        f"the URL and the network, or download it yourself and pass the file with --data.source "
+                        f"/path/to/{name}."
+                    ) from error
+                log.warning("Download of %s failed (%s); trying again (%d of %d)", url, error, attempt + 1, attempts)
+                time.sleep(RETRY_PAUSE_S * attempt)
+            except BaseException:  # a checksum that does not match, Ctrl-C, SIGTERM: no half file stays behind
+                partial.unlink(missing_ok=True)
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _remove_stale_parts(folder: Path, name: str) -> None:
+    """Delete partial files of this name that a killed run left (``kill -9`` runs no clean-up);
+    only files named as :func:`download` names them, while it holds the data folder's lock."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.(part|marker)")
+    for path in folder.iterdir():
+        if pattern.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
 
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tgz", ".tbz2", ".txz", ".tar", ".zip", ".rar", ".7z")

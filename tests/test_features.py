@@ -99,6 +99,12 @@ class CreatesFile:
         return (open, (str(self.path), "w"))
 
 
+def retyped(path, name: str, dtype: torch.dtype) -> None:
+    stored = torch.load(path, weights_only=True)
+    stored[name] = stored[name].to(dtype)
+    torch.save(stored, path)
+
+
 def test_damaged_cache_is_computed_again(image_folder, tmp_path, passes, caplog):
     """Truncated, empty, another program's, planted or mismatched files in the cache folder: each
     is computed again with one line saying so, and nothing in them runs."""
@@ -113,6 +119,9 @@ def test_damaged_cache_is_computed_again(image_folder, tmp_path, passes, caplog)
         [lambda f: f.write_text("another program's notes"),
          lambda f: torch.save({"weights": torch.ones(3)}, f),
          lambda f: torch.save({"features": torch.zeros(1, 2, 3), "labels": torch.zeros(2), "key": "{}"}, f)],
+        # The right key and shapes, other number types: the head and the loss would fail on them.
+        [lambda f: retyped(f, "labels", torch.int32), lambda f: retyped(f, "features", torch.float16),
+         lambda f: retyped(f, "labels", torch.float32)],
     ]
     for damage in rounds:
         for file, spoil in zip(files, damage):
@@ -122,7 +131,7 @@ def test_damaged_cache_is_computed_again(image_folder, tmp_path, passes, caplog)
             _, _, metrics = fit(image_folder, tmp_path, epochs=1, cache_features=True)
         assert caplog.text.count("cannot be used") == 3 and caplog.text.count("computing them again") == 3
         assert "Reusing cached" not in caplog.text and metrics["test/acc"] >= 0
-    assert passes == [10 + 19, 9] * 3
+    assert passes == [10 + 19, 9] * 4
     assert not planted.exists(), "nothing in a cache file runs"
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="caltech_cli"):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import numpy as np
-from conftest import CLASSES, FOLDER, damaged_png, draw, run_caltech, small_run
+from conftest import CLASSES, FOLDER, damaged_png, draw, pack_tar_gz, run_caltech, small_run
 
 from caltech_cli import sources
 from caltech_cli.backbones import resolve_backbone
@@ -394,6 +394,15 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
     assert not marker.exists(), "the pickle's code must not run"
 
 
+def as_from_a_terminal() -> None:
+    """In the child before it runs: the signal dispositions and mask of a command typed in a
+    terminal. Ignored or blocked signals are inherited, and code run earlier in the test process
+    (a library's helper thread or process start) can leave them so."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def interrupted_fit(tar_archive: Path, tmp_path: Path, signum: int) -> tuple[list[str], str, int]:
     """Start a long ``caltech fit``, send ``signum`` once an epoch has finished and been saved; its
     options, output and exit status. (history.csv is no sign of that: Lightning writes the epoch's checkpoints
@@ -401,7 +410,8 @@ def interrupted_fit(tar_archive: Path, tmp_path: Path, signum: int) -> tuple[lis
     options = [*small_run(tmp_path, str(tar_archive)), "--trainer.logger", "false", "--data.batch_size", "2"]
     process = subprocess.Popen([str(Path(sys.executable).with_name("caltech")), "fit", *options,
                                 "--trainer.max_epochs", "1000"], cwd=tmp_path, env=dict(os.environ, WANDB_MODE="disabled"),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=as_from_a_terminal)
     saved = tmp_path / "runs" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
     while not saved.exists() and time.monotonic() < deadline and process.poll() is None:
@@ -420,7 +430,9 @@ def interrupted_fit(tar_archive: Path, tmp_path: Path, signum: int) -> tuple[lis
             continue
     else:
         process.kill()
-        raise AssertionError(f"{signal.Signals(signum).name} never stopped the fit\n{process.communicate()[0][-3000:]}")
+        raise AssertionError(f"{signal.Signals(signum).name} never stopped the fit (test process: handler "
+                             f"{signal.getsignal(signum)}, blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])})\n"
+                             f"{process.communicate()[0][-3000:]}")
     return options, output, process.returncode
 
 
@@ -536,13 +548,149 @@ def test_file_of_the_user_in_the_way_of_a_download_is_never_replaced(tar_archive
     assert (data / "folder.zip").is_dir()
 
 
-def test_earlier_download_of_the_same_url_with_another_checksum_is_replaced(tar_archive, tmp_path):
-    """Regression guard: the tool's own earlier download (the file changed upstream, or was damaged
-    on disk) is fetched again when the checksum asks for other bytes."""
-    data = tmp_path / "data"
-    path = sources.download(tar_archive.as_uri(), data, checksum=None)
-    path.write_bytes(b"damaged on disk")
+def test_earlier_download_of_the_same_url_with_another_checksum_is_replaced(tar_archive, tmp_path, image_folder):
+    """The tool's own earlier download, as it left it, is fetched again when the checksum asks for
+    other bytes (the file changed upstream and the known checksum with it)."""
+    data, source = tmp_path / "data", tmp_path / "upstream" / tar_archive.name
+    source.parent.mkdir()
+    pack_tar_gz(image_folder, source)
+    path = sources.download(source.as_uri(), data, checksum=None)
+    shutil.copy(tar_archive, source)  # a new version of the archive under the same URL
     digest = sources.hashlib.sha256(tar_archive.read_bytes()).hexdigest()
-    again = sources.download(tar_archive.as_uri(), data, checksum=f"sha256:{digest}")
+    again = sources.download(source.as_uri(), data, checksum=f"sha256:{digest}")
     assert again == path and path.read_bytes() == tar_archive.read_bytes()
     assert sorted(p.name for p in data.iterdir()) == sorted([path.name, f".{path.name}.download"])
+
+
+class ArchiveServer:
+    """An HTTP server on localhost for one archive: ``?truncate=N`` sends the first N bytes under
+    the full Content-Length and closes (as a dropped connection does), ``?slow=1`` trickles it."""
+
+    def __init__(self, archive: Path) -> None:
+        import http.server
+        import threading
+
+        body = archive.read_bytes()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the http.server interface)
+                query = dict(part.split("=") for part in self.path.partition("?")[2].split("&") if "=" in part)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if "truncate" in query:
+                    self.wfile.write(body[: int(query["truncate"])])
+                    return
+                for start in range(0, len(body), 4096):
+                    self.wfile.write(body[start:start + 4096])
+                    if "slow" in query:
+                        time.sleep(0.5)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/{archive.name}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def server(tar_archive):
+    served = ArchiveServer(tar_archive)
+    yield served
+    served.close()
+
+
+def test_connection_that_closes_early_is_never_taken_for_a_whole_download(tar_archive, tmp_path, server, monkeypatch):
+    monkeypatch.setattr(sources, "RETRY_PAUSE_S", 0.0)
+    data = tmp_path / "data"
+    with pytest.raises(CaltechError, match=r"3 attempts.*closed after 1000 of the \d+ bytes announced"):
+        sources.download(server.url + "?truncate=1000", data, checksum=None)
+    assert list(data.iterdir()) == [], "no half file is renamed into place or left behind"
+    path = sources.download(server.url, data, checksum=None)
+    assert path.read_bytes() == tar_archive.read_bytes()
+
+
+def test_download_marker_place_is_never_written_through(tar_archive, tmp_path):
+    """A link, a folder or a file of the user's where the download's marker goes: nothing outside
+    data_dir is read or written through it, the run stops with one line, no partial file stays."""
+    data, outside = tmp_path / "data", tmp_path / "outside.txt"
+    data.mkdir()
+    outside.write_text("precious")
+    marker = data / f".{tar_archive.name}.download"
+    for planted, says in [(lambda: marker.symlink_to(outside), "is not a file"),
+                          (lambda: marker.mkdir(), "is not a file"),
+                          (lambda: marker.write_text("my notes"), "is not a marker of caltech's")]:
+        planted()
+        with pytest.raises(CaltechError, match=f"{marker} {says}, where the download .* keeps its marker"):
+            sources.download(tar_archive.as_uri(), data, checksum=None)
+        assert outside.read_text() == "precious"
+        assert sorted(p.name for p in data.iterdir()) == [marker.name], "nothing downloaded, nothing left"
+        shutil.rmtree(marker) if marker.is_dir() and not marker.is_symlink() else marker.unlink()
+
+
+def test_download_that_is_ours_only_while_unchanged(tar_archive, tmp_path, image_folder):
+    """Another URL's earlier download is replaced; a download the user has since replaced with a file
+    of their own is theirs (the marker records size and time), and a folder with a forged marker
+    too; without a checksum a file the user put there is used as it is."""
+    data = tmp_path / "data"
+    other = tmp_path / "elsewhere" / tar_archive.name
+    other.parent.mkdir()
+    pack_tar_gz(image_folder, other)
+    path = sources.download(other.as_uri(), data, checksum=None)
+    assert sources.download(tar_archive.as_uri(), data, checksum=None) == path
+    assert path.read_bytes() == tar_archive.read_bytes(), "the download of another URL was replaced"
+    digest = sources.hashlib.sha256(tar_archive.read_bytes()).hexdigest()
+    path.write_bytes(b"my own archive")
+    with pytest.raises(CaltechError, match="is in the way .* does not match the checksum"):
+        sources.download(tar_archive.as_uri(), data, checksum=f"sha256:{digest}")
+    assert path.read_bytes() == b"my own archive"
+    assert sources.download(tar_archive.as_uri(), data, checksum=None).read_bytes() == b"my own archive"
+    path.unlink()
+    path.mkdir()
+    (data / f".{path.name}.download").write_text(f'{{"url": "{tar_archive.as_uri()}"}}')
+    with pytest.raises(CaltechError, match="is in the way .* is not a file"):
+        sources.download(tar_archive.as_uri(), data, checksum=None)
+    assert path.is_dir() and not list(data.glob("*.part")) and not list(data.glob(".*.part"))
+
+
+def test_download_names_that_would_collide_or_not_fit(tar_archive, tmp_path, server):
+    """A URL without an archive suffix does not take the name of the folder it is extracted to;
+    a name too long for a file system gets a short one; an invalid URL is one line."""
+    suffixless = tmp_path / "photos"
+    shutil.copy(tar_archive, suffixless)
+    data = ImageFolderDataModule(suffixless.as_uri(), data_dir=str(tmp_path / "data"), split=(50, 25, 25))
+    data.prepare_data()
+    assert (tmp_path / "data" / "photos.archive").is_file() and data.class_names == sorted(CLASSES)
+    long_name = "x" * 240 + ".tar.gz"
+    assert sources.download_name(f"https://example.org/{long_name}").startswith("download-")
+    assert sources.download_name(f"https://example.org/{long_name}").endswith(".tar.gz")
+    with pytest.raises(CaltechError, match=r"cannot download .* \(1 attempt, last: URL can't contain"):
+        sources.download(server.url.replace(tar_archive.name, "my photos.tar.gz"), tmp_path / "d2", checksum=None)
+
+
+def test_sigterm_during_a_download_leaves_no_partial_file(tar_archive, tmp_path, server):
+    data = tmp_path / "data"
+    data.mkdir()
+    stale = data / f".{tar_archive.name}.k1lled_9.part"  # what a run killed with -9 leaves
+    stale.write_bytes(b"half")
+    theirs = data / f".{tar_archive.name}.notes"
+    theirs.write_text("mine")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("caltech")), "fit",
+         *small_run(tmp_path, server.url + "?slow=1"), "--trainer.logger", "false"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=as_from_a_terminal)
+    deadline = time.monotonic() + 120
+    while not [p for p in data.glob(".*.part") if p != stale] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not stale.exists(), "a killed run's partial file is removed when the next download starts"
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert sorted(p.name for p in data.iterdir()) == sorted([theirs.name, ".prepare.lock"]), output[-3000:]
+    assert "Traceback" not in output
