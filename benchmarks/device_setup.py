@@ -12,6 +12,8 @@ Each setting runs in a fresh process (most take effect once per process), on the
   v7-api       TORCH_CUDNN_V8_API_DISABLED=1: cuDNN's older API, whose algorithm choice PyTorch
                keeps for the whole process (the newer API's plans are kept per thread)
   benchmark    torch.backends.cudnn.benchmark = True (times every algorithm per new shape)
+  cudnn-off    torch.backends.cudnn.enabled = False: PyTorch's own kernels (depthwise convolutions
+               have their own; 1x1 convolutions become matrix products)
   nchw         contiguous (NCHW) images and weights instead of channels-last
   float32      no autocast
   thread       the shape warmed in another thread first: whether that warms the main thread
@@ -35,7 +37,7 @@ import time
 
 from common import REPO, add_device_options, autocast, device_of, precision_of, synchronize  # noqa: I001
 
-SETTINGS = ("default", "v7-api", "benchmark", "nchw", "float32", "thread")
+SETTINGS = ("default", "v7-api", "benchmark", "cudnn-off", "nchw", "float32", "thread")
 
 
 def child(setting: str, accelerator: str, precision: str, batch: int, short: int, crop: int) -> dict:
@@ -49,6 +51,8 @@ def child(setting: str, accelerator: str, precision: str, batch: int, short: int
     device = device_of(accelerator)
     if setting == "benchmark":
         torch.backends.cudnn.benchmark = True
+    if setting == "cudnn-off":
+        torch.backends.cudnn.enabled = False
     if setting == "float32":
         precision = "32-true"
     layout = torch.contiguous_format if setting == "nchw" else torch.channels_last

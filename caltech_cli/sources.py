@@ -193,8 +193,8 @@ def _sigterm_raises() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler set outside Python, which cannot be put back; the default is
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0, attempts: int = 3) -> Path:
