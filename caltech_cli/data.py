@@ -17,14 +17,13 @@ from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
-from filelock import FileLock
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
 from caltech_cli import sources
 from caltech_cli.backbones import Preprocessing
-from caltech_cli.errors import CaltechError, writable_folder
+from caltech_cli.errors import CaltechError, folder_lock, writable_folder
 from caltech_cli.features import CachedFeatures, Split, cached_features, keep_batch
 from caltech_cli.images import (
     IMAGE_EXTENSIONS,
@@ -250,7 +249,8 @@ class ImageClassificationDataModule(LightningDataModule):
             log.info("Using the data set at %s in place", self.root)
             return
         writable_folder(self.data_dir, "data.data_dir")
-        with FileLock(self.data_dir / ".prepare.lock"):
+        # SIGTERM raises, so that a stopped download or extraction removes its partial files.
+        with folder_lock(self.data_dir / ".prepare.lock", "data.data_dir"), sources.sigterm_raises():
             if self._ready():
                 log.info("Using the data set at %s (from %s, already extracted)", self.root, self.source)
                 return

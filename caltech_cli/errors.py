@@ -7,7 +7,11 @@ traceback, so every message must name the thing that is wrong and say how to fix
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock
 
 
 class CaltechError(Exception):
@@ -36,3 +40,19 @@ def writable_file(path: Path, option: str) -> Path:
         raise CaltechError(f"{option}: {path} cannot be written (permission denied). Fix: pass --{option} "
                            "another file.")
     return path
+
+
+@contextmanager
+def folder_lock(path: Path, option: str) -> Iterator[None]:
+    """Hold the lock file ``path`` (processes that start together wait for each other); one clear
+    error when something that is not a lock file is in its place (a folder, a link that loops)."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire()
+    except OSError as error:
+        raise CaltechError(f"{option}: cannot lock {path} ({error.strerror or error}). Fix: remove {path}; caltech "
+                           "makes it anew.") from error
+    try:
+        yield
+    finally:
+        lock.release()

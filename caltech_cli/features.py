@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm import tqdm
 
 from caltech_cli.backbones import Preprocessing
+from caltech_cli.errors import folder_lock
 from caltech_cli.images import LabelledImages
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def cached_features(
         paths[split.name] = (folder / f"{split.name}-{digest}.pt", key)
     folder.mkdir(parents=True, exist_ok=True)
     found: dict[str, CachedFeatures] = {}
-    with FileLock(str(folder / ".lock")):
+    with folder_lock(folder / ".lock", "data.cache_dir"):
         missing = []
         for split in splits:
             path, key = paths[split.name]

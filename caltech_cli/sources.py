@@ -35,10 +35,11 @@ import tarfile
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -67,7 +68,7 @@ def is_url(source: str) -> bool:
 
 def _hasher(checksum: str) -> tuple[hashlib._Hash, str]:
     algorithm, _, expected = checksum.partition(":")
-    if not expected or algorithm not in hashlib.algorithms_available:
+    if not expected or algorithm not in hashlib.algorithms_guaranteed or algorithm.startswith("shake"):
         raise CaltechError(f"checksum {checksum!r} must look like 'sha256:<hex>' or 'md5:<hex>'.")
     return hashlib.new(algorithm), expected.lower()
 
@@ -95,7 +96,8 @@ def _fetch(url: str, partial: Path, name: str, checksum: str | None, timeout: fl
     digest = _hasher(checksum)[0] if checksum else None
     received = 0
     with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0) or None
+        announced = (response.headers.get("Content-Length") or "").strip()
+        total = int(announced) if announced.isdigit() and int(announced) > 0 else None
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {name}") as bar:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
@@ -127,62 +129,69 @@ def _download_marker(target: Path) -> Path:
     return target.with_name(f".{target.name}.download")
 
 
-def _marker_problem(target: Path) -> str | None:
-    """Why the marker's place beside ``target`` is not ours to write; None when it is free or holds
-    one of our markers. A link there is never followed, read or written through."""
-    marker = _download_marker(target)
+def _read_record(path: Path) -> dict | None:
+    """The JSON object in the marker file at ``path``; None unless it is a regular file (a link,
+    a folder or a FIFO is never opened, read through or waited on) holding one."""
+    try:
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return None
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(descriptor, "rb") as file:
+            record = json.loads(file.read(1 << 16))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_record(path: Path, record: dict) -> None:
+    """Write a marker to a new file and rename it to ``path``: what is at ``path`` (callers have
+    made sure it is one of our markers, or nothing) is replaced, never written through."""
+    handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(json.dumps(record))
+        os.chmod(scratch, 0o644)
+        os.replace(scratch, path)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
+
+
+def _not_a_marker(marker: Path, is_ours: Callable[[dict], bool]) -> str | None:
+    """Why the marker's place is not ours to write; None when it is free or holds our marker."""
     if not (marker.exists() or marker.is_symlink()):
         return None
     if marker.is_symlink() or not marker.is_file():
         return f"{marker} is not a file"
-    return None if _read_marker(marker) is not None else f"{marker} is not a marker of caltech's"
+    record = _read_record(marker)
+    return None if record is not None and is_ours(record) else f"{marker} is not a marker of caltech's"
 
 
-def _read_marker(marker: Path) -> dict | None:
-    try:
-        if marker.is_symlink():
-            return None
-        marked = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-    return marked if isinstance(marked, dict) and isinstance(marked.get("url"), str) else None
+def _is_download_record(record: dict) -> bool:
+    return isinstance(record.get("url"), str)
 
 
 def _downloaded_from(target: Path) -> str | None:
     """The URL that :func:`download` fetched ``target`` from; None when the file is not one of its
     downloads as it left it: the user put it there or changed it since (size and modification
     time are recorded), or there is no readable marker."""
-    marked = _read_marker(_download_marker(target))
+    marked = _read_record(_download_marker(target))
     try:
         state = target.lstat()
     except OSError:
         return None
-    if marked is None or not stat.S_ISREG(state.st_mode):
+    if marked is None or not _is_download_record(marked) or not stat.S_ISREG(state.st_mode):
         return None
     if (marked.get("size"), marked.get("mtime_ns")) != (state.st_size, state.st_mtime_ns):
         return None
     return marked["url"]
 
 
-def _write_marker(target: Path, url: str) -> None:
-    """Record that ``target`` is the download of ``url``; written to a new file and renamed, so a
-    link in the marker's place is replaced, never written through."""
-    state = target.stat()
-    record = json.dumps({"url": url, "size": state.st_size, "mtime_ns": state.st_mtime_ns})
-    handle, scratch = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".marker")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(record)
-        os.replace(scratch, _download_marker(target))
-    except BaseException:
-        Path(scratch).unlink(missing_ok=True)
-        raise
-
-
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def sigterm_raises() -> Iterator[None]:
     """SIGTERM raises ``SystemExit(143)`` in the block, so its clean-up runs (the default action
-    kills the process where it stands); only in the main thread, where Python handles signals."""
+    kills the process where it stands, leaving partial files); only in the main thread, where
+    Python handles signals."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -197,16 +206,54 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def _shown(url: str) -> str:
+    """A URL for a message: control characters escaped, so the message stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in url)
+
+
+def _in_the_way(target: Path, url: str, why: str) -> CaltechError:
+    return CaltechError(
+        f"{target} is in the way of the download of {_shown(url)}: it {why}, and it is not an earlier download "
+        f"of that URL. Fix: move it out of {target.parent}, or pass it with --data.source if it is the archive "
+        "you want."
+    )
+
+
+def _put_in_place(partial: Path, target: Path, url: str, was_ours: str | None) -> None:
+    """Rename the finished download to ``target`` and record it, unless what is at ``target``
+    changed while it downloaded (a file put there is the user's). The marker is written first,
+    describing the file it is about to become, so no stop leaves our download unmarked."""
+    if was_ours is None and (target.exists() or target.is_symlink()):
+        raise _in_the_way(target, url, "appeared while it downloaded")
+    if was_ours is not None and _downloaded_from(target) != was_ours:
+        raise _in_the_way(target, url, "changed while it downloaded")
+    state = partial.stat()
+    _write_record(_download_marker(target), {"url": url, "size": state.st_size, "mtime_ns": state.st_mtime_ns})
+    if was_ours is not None:
+        os.replace(partial, target)
+        return
+    try:
+        os.link(partial, target)  # fails, where a rename would not, if a file appeared there after the check
+    except FileExistsError:
+        raise _in_the_way(target, url, "appeared while it downloaded") from None
+    except OSError:  # a file system without hard links
+        os.replace(partial, target)
+        return
+    partial.unlink()
+
+
 def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0, attempts: int = 3) -> Path:
     """Stream ``url`` into ``folder`` with a progress bar; reuse a complete earlier download.
 
-    Network errors, time-outs and connections that close early are retried ``attempts`` times
-    with growing pauses; a partial file is deleted, never used (also on Ctrl-C and SIGTERM).
+    Network errors, time-outs, server errors and connections that close early are retried
+    ``attempts`` times with growing pauses; a partial file is deleted, never used (also on
+    Ctrl-C and SIGTERM; ``kill -9`` leaves it, as a hidden ``.<name>.*.part``).
 
     A file of the same name is reused when it matches ``checksum``, or, without one, when it is
     an earlier download of the same URL or was put there by the user. Otherwise it is replaced
-    only when it is an earlier download of this tool (a marker beside it records the URL, size
-    and modification time): anything else there is the user's, and is never overwritten.
+    only when it is an earlier download of this tool as the tool left it (a marker beside it
+    records the URL, size and modification time): anything else there is the user's, and is
+    never overwritten.
     """
     name = download_name(url)
     target = folder / name
@@ -219,18 +266,15 @@ def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0
             log.info("Reusing %s%s", target, "" if ours else " (no checksum to check it against)")
             return target
     if (target.exists() or target.is_symlink()) and ours is None:
-        why = "does not match the checksum" if target.is_file() else "is not a file"
-        raise CaltechError(
-            f"{target} is in the way of the download of {url}: it {why}, and it is not an earlier download of "
-            f"that URL. Fix: move it out of {folder}, or pass it with --data.source if it is the archive you want."
-        )
-    problem = _marker_problem(target)
+        raise _in_the_way(target, url, "does not match the checksum" if target.is_file() else "is not a file")
+    problem = _not_a_marker(_download_marker(target), _is_download_record)
     if problem is not None:
-        raise CaltechError(f"{problem}, where the download of {url} keeps its marker. Fix: move it out of {folder}.")
+        raise CaltechError(
+            f"{problem}, where the download of {_shown(url)} keeps its marker. Fix: move it out of {folder}."
+        )
     folder.mkdir(parents=True, exist_ok=True)
-    _remove_stale_parts(folder, name)
     expected = _hasher(checksum)[1] if checksum else None
-    with _sigterm_raises():
+    with sigterm_raises():
         for attempt in range(1, attempts + 1):
             # A name of its own, so that no file of the user's (a ``<name>.part``) is written over.
             handle, scratch = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
@@ -241,35 +285,28 @@ def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0
                 got = _fetch(url, partial, name, checksum, timeout)
                 if expected is not None and got != expected:
                     raise CaltechError(
-                        f"the download of {url} has checksum {got}, expected {expected}: the file is "
+                        f"the download of {_shown(url)} has checksum {got}, expected {expected}: the file is "
                         "damaged or not the one expected. Fix: try again, or pass another source with --data.source."
                     )
-                os.replace(partial, target)
-                _write_marker(target, url)
+                _put_in_place(partial, target, url, ours)
                 return target
             except (OSError, http.client.HTTPException) as error:  # URLError, time-outs, resets, short reads
                 partial.unlink(missing_ok=True)
-                if attempt == attempts or isinstance(error, http.client.InvalidURL):
+                client_error = isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500 \
+                    and error.code not in (408, 429)  # asking again gets the same answer
+                if attempt == attempts or client_error or isinstance(error, http.client.InvalidURL):
                     raise CaltechError(
-                        f"cannot download {url} ({attempt} attempt{'s' * (attempt > 1)}, last: {error}). Fix: check "
-                        f"the URL and the network, or download it yourself and pass the file with --data.source "
-                        f"/path/to/{name}."
+                        f"cannot download {_shown(url)} ({attempt} attempt{'s' * (attempt > 1)}, last: {error}). "
+                        f"Fix: check the URL and the network, or download it yourself and pass the file with "
+                        f"--data.source /path/to/{name}."
                     ) from error
-                log.warning("Download of %s failed (%s); trying again (%d of %d)", url, error, attempt + 1, attempts)
+                log.warning("Download of %s failed (%s); trying again (%d of %d)", _shown(url), error, attempt + 1,
+                            attempts)
                 time.sleep(RETRY_PAUSE_S * attempt)
             except BaseException:  # a checksum that does not match, Ctrl-C, SIGTERM: no half file stays behind
                 partial.unlink(missing_ok=True)
                 raise
     raise AssertionError("unreachable: the last attempt returns or raises")
-
-
-def _remove_stale_parts(folder: Path, name: str) -> None:
-    """Delete partial files of this name that a killed run left (``kill -9`` runs no clean-up);
-    only files named as :func:`download` names them, while it holds the data folder's lock."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.(part|marker)")
-    for path in folder.iterdir():
-        if pattern.fullmatch(path.name) and path.is_file() and not path.is_symlink():
-            path.unlink(missing_ok=True)
 
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tgz", ".tbz2", ".txz", ".tar", ".zip", ".rar", ".7z")
@@ -278,10 +315,13 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tgz", ".tbz2
 def archive_stem(source: str) -> str:
     """The name of an archive (path or URL) without its archive suffix: ``photos.tar.gz`` -> ``photos``."""
     name = PurePosixPath(urlparse(source).path if is_url(source) else source).name
-    for suffix in ARCHIVE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)] or "dataset"
-    return Path(name).stem or "dataset"
+    suffix = next((s for s in ARCHIVE_SUFFIXES if name.lower().endswith(s)), None)
+    stem = name[: -len(suffix)] if suffix else Path(name).stem
+    if stem in ("", ".", ".."):
+        return "dataset"
+    if len(os.fsencode(stem)) > 200:  # with the marker's dots and suffix it would not fit a file name
+        return f"dataset-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+    return stem
 
 
 def _marker(folder: Path) -> Path:
@@ -289,12 +329,9 @@ def _marker(folder: Path) -> Path:
 
 
 def _marked(folder: Path) -> dict:
-    """What the marker of ``folder`` records; {} when there is none or it cannot be read."""
-    try:
-        marked = json.loads(_marker(folder).read_text())
-    except (OSError, ValueError):
-        return {}
-    return marked if isinstance(marked, dict) else {}
+    """What the marker of ``folder`` records; {} when there is none or it cannot be read (a link,
+    a folder or a FIFO in its place is never read through)."""
+    return _read_record(_marker(folder)) or {}
 
 
 def is_ready(folder: Path) -> bool:
@@ -309,7 +346,12 @@ def extracted_from(folder: Path) -> str | None:
 
 
 def _check_ours(folder: Path) -> None:
-    """Refuse to replace a ``folder`` that this tool did not extract: only ours have a marker."""
+    """Refuse to replace a ``folder`` that this tool did not extract (only ours have a marker), or
+    to write a marker where something else than one of ours is."""
+    problem = _not_a_marker(_marker(folder), lambda record: "source" in record)
+    if problem is not None:
+        raise CaltechError(f"{problem}, where caltech marks the folder it extracts. Fix: move it out of "
+                           f"{folder.parent}, or pass another --data.data_dir.")
     if (folder.exists() or folder.is_symlink()) and not _marker(folder).exists():
         raise CaltechError(
             f"{folder} is in the way: it exists but was not extracted by caltech (there is no "
@@ -672,10 +714,10 @@ def _finish(found: Path, folder: Path, source: str, scratch: Path) -> Path:
     """
     _check_ours(folder)
     marker, earlier = _marker(folder), _marked(folder).get("source")
-    marker.write_text(json.dumps({"source": source, "complete": False}))
+    _write_record(marker, {"source": source, "complete": False})
     if folder.exists() or folder.is_symlink():
         log.info("Replacing %s (extracted earlier from %s)", folder, earlier)
         os.replace(folder, scratch / "replaced")
     os.replace(found, folder)
-    marker.write_text(json.dumps({"source": source, "complete": True}))
+    _write_record(marker, {"source": source, "complete": True})
     return folder

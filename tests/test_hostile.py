@@ -564,7 +564,8 @@ def test_earlier_download_of_the_same_url_with_another_checksum_is_replaced(tar_
 
 class ArchiveServer:
     """An HTTP server on localhost for one archive: ``?truncate=N`` sends the first N bytes under
-    the full Content-Length and closes (as a dropped connection does), ``?slow=1`` trickles it."""
+    the full Content-Length and closes (as a dropped connection does), ``?slow=1`` trickles it,
+    ``?length=X`` announces X as its length, ``?status=N`` answers with that HTTP error."""
 
     def __init__(self, archive: Path) -> None:
         import http.server
@@ -575,8 +576,11 @@ class ArchiveServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (the http.server interface)
                 query = dict(part.split("=") for part in self.path.partition("?")[2].split("&") if "=" in part)
+                if "status" in query:
+                    self.send_error(int(query["status"]))
+                    return
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", query.get("length", str(len(body))))
                 self.end_headers()
                 if "truncate" in query:
                     self.wfile.write(body[: int(query["truncate"])])
@@ -674,23 +678,105 @@ def test_download_names_that_would_collide_or_not_fit(tar_archive, tmp_path, ser
         sources.download(server.url.replace(tar_archive.name, "my photos.tar.gz"), tmp_path / "d2", checksum=None)
 
 
-def test_sigterm_during_a_download_leaves_no_partial_file(tar_archive, tmp_path, server):
+class ZeroReader:
+    """A file of ``size`` zero bytes that takes no memory (for a member that is slow to write)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def read(self, count: int = -1) -> bytes:
+        count = self.left if count < 0 else min(count, self.left)
+        self.left -= count
+        return bytes(count)
+
+
+def test_sigterm_during_a_download_or_extraction_leaves_no_partial_file(tar_archive, image_folder, tmp_path, server):
+    """SIGTERM exits 143 and removes what the download or the extraction had written so far;
+    files of the user's named like partial files stay."""
     data = tmp_path / "data"
     data.mkdir()
-    stale = data / f".{tar_archive.name}.k1lled_9.part"  # what a run killed with -9 leaves
-    stale.write_bytes(b"half")
-    theirs = data / f".{tar_archive.name}.notes"
-    theirs.write_text("mine")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("caltech")), "fit",
-         *small_run(tmp_path, server.url + "?slow=1"), "--trainer.logger", "false"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=as_from_a_terminal)
-    deadline = time.monotonic() + 120
-    while not [p for p in data.glob(".*.part") if p != stale] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not stale.exists(), "a killed run's partial file is removed when the next download starts"
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=60)[0]
-    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert sorted(p.name for p in data.iterdir()) == sorted([theirs.name, ".prepare.lock"]), output[-3000:]
-    assert "Traceback" not in output
+    theirs = [data / f".{tar_archive.name}.k1lled_9.part", data / f".{tar_archive.name}.notes"]
+    for path in theirs:
+        path.write_text("mine")
+    big = tmp_path / "big" / tar_archive.name  # about 400 MB to write, a few hundred bytes to send
+    big.parent.mkdir()
+    with tarfile.open(big, "w:gz") as tar:
+        tar.add(image_folder, arcname=FOLDER)
+        member = tarfile.TarInfo(f"{FOLDER}/zeros.bin")
+        member.size = 400 << 20
+        tar.addfile(member, ZeroReader(member.size))
+    for source, busy in [(server.url + "?slow=1", ".*.part"), (str(big), ".extracting-*")]:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("caltech")), "fit", *small_run(tmp_path, source), "--trainer.logger",
+             "false"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=as_from_a_terminal)
+        deadline = time.monotonic() + 120
+        while not [p for p in data.glob(busy) if p not in theirs] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+        assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+        assert sorted(data.iterdir()) == sorted([*theirs, data / ".prepare.lock"]), output[-3000:]
+        assert "Traceback" not in output
+
+
+def test_extraction_marker_place_is_never_written_through_or_waited_on(tar_archive, tmp_path):
+    """A link to a file outside, or a FIFO, where the extracted folder's marker goes: one line, the
+    outside file unchanged, no wait on the FIFO (an alarm fails the test instead of hanging it)."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    for plant in (lambda marker: marker.symlink_to(outside), lambda marker: os.mkfifo(marker)):
+        data = tmp_path / f"data{len(list(tmp_path.iterdir()))}"
+        data.mkdir()
+        marker = data / f".{FOLDER}.complete"
+        plant(marker)
+        def hang(signum, frame):
+            raise TimeoutError("prepare_data waited on the FIFO")
+
+        previous = signal.signal(signal.SIGALRM, hang)
+        signal.alarm(30)
+        try:
+            with pytest.raises(CaltechError, match=rf"{marker} is not a file, where caltech marks the folder"):
+                Caltech101DataModule(str(tar_archive), str(data)).prepare_data()
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+        assert outside.read_text() == "precious"
+        assert sorted(p.name for p in data.iterdir()) == sorted([marker.name, ".prepare.lock"])
+
+
+def test_file_that_appears_while_downloading_is_the_users(tar_archive, tmp_path, monkeypatch):
+    """The target is checked again when the download is done: a file put there meanwhile stays."""
+    data = tmp_path / "data"
+    target = data / tar_archive.name
+    real = sources._fetch
+
+    def user_copies_theirs_meanwhile(*args, **kwargs):
+        digest = real(*args, **kwargs)
+        target.write_bytes(b"copied by the user meanwhile")
+        return digest
+
+    monkeypatch.setattr(sources, "_fetch", user_copies_theirs_meanwhile)
+    with pytest.raises(CaltechError, match=f"{target} is in the way .* appeared while it downloaded"):
+        sources.download(tar_archive.as_uri(), data, checksum=None)
+    assert target.read_bytes() == b"copied by the user meanwhile"
+    assert sorted(p.name for p in data.iterdir() if not p.name.endswith(".download")) == [target.name]
+
+
+def test_odd_servers_urls_checksums_and_locks_are_one_line(tar_archive, tmp_path, server, monkeypatch):
+    monkeypatch.setattr(sources, "RETRY_PAUSE_S", 0.0)
+    data = tmp_path / "data"
+    assert sources.download(server.url + "?length=abc", data, checksum=None).read_bytes() == tar_archive.read_bytes()
+    with pytest.raises(CaltechError, match=r"\(1 attempt, last: HTTP Error 404"):
+        sources.download(server.url + "?status=404", tmp_path / "d404", checksum=None)  # not asked 3 times
+    with pytest.raises(CaltechError, match="must look like 'sha256:<hex>'"):
+        sources.download(server.url, tmp_path / "dshake", checksum="shake_128:abcd")
+    with pytest.raises(CaltechError) as raised:
+        sources.download(server.url.replace(tar_archive.name, "a\nb.tar.gz"), tmp_path / "dnl", checksum=None)
+    assert "\n" not in str(raised.value) and "a\\nb.tar.gz" in str(raised.value)
+    assert sources.archive_stem("https://example.org/x/..") == "dataset"
+    assert sources.archive_stem("a" * 247 + ".tar.gz").startswith("dataset-")
+    locked = tmp_path / "dlock"
+    (locked / ".prepare.lock").mkdir(parents=True)
+    with pytest.raises(CaltechError, match=r"data.data_dir: cannot lock .*\.prepare\.lock .*Fix: remove"):
+        Caltech101DataModule(str(tar_archive), str(locked)).prepare_data()
