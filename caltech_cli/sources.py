@@ -117,7 +117,7 @@ def download_name(url: str) -> str:
     name = Path(urlparse(url).path).name
     if name in ("", ".", ".."):
         name = "download"
-    suffix = next((s for s in ARCHIVE_SUFFIXES if name.lower().endswith(s)), None)
+    suffix = _archive_suffix(name)
     if suffix is None:
         name, suffix = name + ".archive", ".archive"
     if len(os.fsencode(name)) > 200:
@@ -312,10 +312,15 @@ def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tgz", ".tbz2", ".txz", ".tar", ".zip", ".rar", ".7z")
 
 
+def _archive_suffix(name: str) -> str | None:
+    """The archive suffix ``name`` ends with (any case), or None."""
+    return next((suffix for suffix in ARCHIVE_SUFFIXES if name.lower().endswith(suffix)), None)
+
+
 def archive_stem(source: str) -> str:
     """The name of an archive (path or URL) without its archive suffix: ``photos.tar.gz`` -> ``photos``."""
     name = PurePosixPath(urlparse(source).path if is_url(source) else source).name
-    suffix = next((s for s in ARCHIVE_SUFFIXES if name.lower().endswith(s)), None)
+    suffix = _archive_suffix(name)
     stem = name[: -len(suffix)] if suffix else Path(name).stem
     if stem in ("", ".", ".."):
         return "dataset"
