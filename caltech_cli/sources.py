@@ -247,7 +247,8 @@ def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0
 
     Network errors, time-outs, server errors and connections that close early are retried
     ``attempts`` times with growing pauses; a partial file is deleted, never used (also on
-    Ctrl-C and SIGTERM; ``kill -9`` leaves it, as a hidden ``.<name>.*.part``).
+    Ctrl-C, and on SIGTERM under :func:`sigterm_raises`, which ``prepare_data`` holds around the
+    download and the extraction; ``kill -9`` leaves it, as a hidden ``.<name>.*.part``).
 
     A file of the same name is reused when it matches ``checksum``, or, without one, when it is
     an earlier download of the same URL or was put there by the user. Otherwise it is replaced
@@ -274,38 +275,37 @@ def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0
         )
     folder.mkdir(parents=True, exist_ok=True)
     expected = _hasher(checksum)[1] if checksum else None
-    with sigterm_raises():
-        for attempt in range(1, attempts + 1):
-            # A name of its own, so that no file of the user's (a ``<name>.part``) is written over.
-            handle, scratch = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
-            os.fchmod(handle, 0o644)
-            os.close(handle)
-            partial = Path(scratch)
-            try:
-                got = _fetch(url, partial, name, checksum, timeout)
-                if expected is not None and got != expected:
-                    raise CaltechError(
-                        f"the download of {_shown(url)} has checksum {got}, expected {expected}: the file is "
-                        "damaged or not the one expected. Fix: try again, or pass another source with --data.source."
-                    )
-                _put_in_place(partial, target, url, ours)
-                return target
-            except (OSError, http.client.HTTPException) as error:  # URLError, time-outs, resets, short reads
-                partial.unlink(missing_ok=True)
-                client_error = isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500 \
-                    and error.code not in (408, 429)  # asking again gets the same answer
-                if attempt == attempts or client_error or isinstance(error, http.client.InvalidURL):
-                    raise CaltechError(
-                        f"cannot download {_shown(url)} ({attempt} attempt{'s' * (attempt > 1)}, last: {error}). "
-                        f"Fix: check the URL and the network, or download it yourself and pass the file with "
-                        f"--data.source /path/to/{name}."
-                    ) from error
-                log.warning("Download of %s failed (%s); trying again (%d of %d)", _shown(url), error, attempt + 1,
-                            attempts)
-                time.sleep(RETRY_PAUSE_S * attempt)
-            except BaseException:  # a checksum that does not match, Ctrl-C, SIGTERM: no half file stays behind
-                partial.unlink(missing_ok=True)
-                raise
+    for attempt in range(1, attempts + 1):
+        # A name of its own, so that no file of the user's (a ``<name>.part``) is written over.
+        handle, scratch = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+        os.fchmod(handle, 0o644)
+        os.close(handle)
+        partial = Path(scratch)
+        try:
+            got = _fetch(url, partial, name, checksum, timeout)
+            if expected is not None and got != expected:
+                raise CaltechError(
+                    f"the download of {_shown(url)} has checksum {got}, expected {expected}: the file is "
+                    "damaged or not the one expected. Fix: try again, or pass another source with --data.source."
+                )
+            _put_in_place(partial, target, url, ours)
+            return target
+        except (OSError, http.client.HTTPException) as error:  # URLError, time-outs, resets, short reads
+            partial.unlink(missing_ok=True)
+            client_error = isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500 \
+                and error.code not in (408, 429)  # asking again gets the same answer
+            if attempt == attempts or client_error or isinstance(error, http.client.InvalidURL):
+                raise CaltechError(
+                    f"cannot download {_shown(url)} ({attempt} attempt{'s' * (attempt > 1)}, last: {error}). "
+                    f"Fix: check the URL and the network, or download it yourself and pass the file with "
+                    f"--data.source /path/to/{name}."
+                ) from error
+            log.warning("Download of %s failed (%s); trying again (%d of %d)", _shown(url), error, attempt + 1,
+                        attempts)
+            time.sleep(RETRY_PAUSE_S * attempt)
+        except BaseException:  # a checksum that does not match, Ctrl-C, SIGTERM: no half file stays behind
+            partial.unlink(missing_ok=True)
+            raise
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
