@@ -1,14 +1,27 @@
-"""caltech: transfer learning on image folders from the command line (LightningCLI)."""
+"""caltech: transfer learning on image folders from the command line (LightningCLI).
 
-from caltech_cli.data import Caltech101DataModule, ImageClassificationDataModule, ImageFolderDataModule
-from caltech_cli.finetuning import BackboneUnfreeze
-from caltech_cli.model import TransferClassifier
+The classes below load on first use (PEP 562), so that importing the package costs nothing and
+the ``caltech`` command can set the interpreter up before torch and Lightning load (``__main__``).
+"""
 
-__all__ = [
-    "BackboneUnfreeze",
-    "Caltech101DataModule",
-    "ImageClassificationDataModule",
-    "ImageFolderDataModule",
-    "TransferClassifier",
-]
+import importlib
+
+_EXPORTS = {
+    "BackboneUnfreeze": "caltech_cli.finetuning",
+    "Caltech101DataModule": "caltech_cli.data",
+    "ImageClassificationDataModule": "caltech_cli.data",
+    "ImageFolderDataModule": "caltech_cli.data",
+    "TransferClassifier": "caltech_cli.model",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,3 +1,26 @@
-from caltech_cli.cli import main
+"""The ``caltech`` command (and ``python -m caltech_cli``): ``cli.main`` in an interpreter set up
+for one run."""
 
-main()
+import gc
+
+
+def main() -> None:
+    """Import the tool with the garbage collector paused, then freeze what the imports made.
+
+    torch, torchvision and Lightning make about a million long-lived objects as they load. The
+    collector's full passes over them cost about a second while importing and another while the
+    interpreter exits, most of a one-image ``caltech predict``'s own time on a 2-core CPU
+    (``benchmarks/startup.py``). ``gc.freeze`` moves them out of its sight; what the run itself
+    makes is collected as usual, and forked loader workers share those pages longer.
+    """
+    gc.disable()
+    try:
+        from caltech_cli import cli
+    finally:
+        gc.freeze()
+        gc.enable()
+    cli.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,7 @@ import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -41,9 +41,6 @@ from torchvision.transforms import InterpolationMode
 
 from caltech_cli.errors import CaltechError
 from caltech_cli.sources import file_digest
-
-if TYPE_CHECKING:
-    from timm.models import PretrainedCfg
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -120,8 +117,14 @@ def is_timm(backbone: str) -> bool:
     return backbone.startswith(TIMM_PREFIX)
 
 
-def _timm_config(backbone: str) -> PretrainedCfg:
-    """timm's pretrained config of ``timm/<model>[.<tag>]`` (its default tag without one)."""
+def _timm_config(backbone: str) -> Any:
+    """timm's pretrained config (``timm.models.PretrainedCfg``) of ``timm/<model>[.<tag>]`` (its
+    default tag without one).
+
+    timm's types stay out of this module's annotations, even under ``TYPE_CHECKING``: jsonargparse
+    runs a module's ``TYPE_CHECKING`` imports when it reads a signature there (``Preprocessing``, an
+    option of the data modules), and importing timm costs every command most of a second.
+    """
     import timm  # here, not at the top: its imports cost seconds that torchvision backbones do not need
 
     name = backbone.removeprefix(TIMM_PREFIX)
@@ -145,7 +148,7 @@ def _timm_config(backbone: str) -> PretrainedCfg:
     return config
 
 
-def _timm_preprocessing(config: PretrainedCfg) -> Preprocessing:
+def _timm_preprocessing(config: Any) -> Preprocessing:
     """timm's evaluation transform as ours: resize the shorter side to ``size / crop_pct``
     (timm's rounding), centre-crop ``size``, its mean, std and interpolation."""
     from timm.data import DEFAULT_CROP_PCT
@@ -325,7 +328,7 @@ def _build_network(backbone: str) -> nn.Module:
     return models.get_model(backbone)
 
 
-def _timm_pretrained_file(backbone: str, config: PretrainedCfg) -> Path:
+def _timm_pretrained_file(backbone: str, config: Any) -> Path:
     """The file of timm's pretrained weights for ``backbone``: from the Hugging Face cache without
     a request to the network, else downloaded from the Hub unless ``HF_HUB_OFFLINE`` is set."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache

@@ -5,13 +5,17 @@ metadata that leaves a machine's own CUDA build of torch in place."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from packaging.requirements import Requirement
+from conftest import TRANSFER
 from packaging.version import Version
 
 from caltech_cli import cli
@@ -83,3 +87,35 @@ def test_package_does_not_pin_torch():
         lower = [Version(s.version) for s in specifiers if s.operator == ">="]
         assert lower and min(lower) >= Version(floor), f"{name} allows releases with known holes"
     assert Version("2.11") in requirements["torch"].specifier, "the checked lower bound is allowed"
+
+
+# Runs the command's own entry point in a fresh interpreter and reports what it left loaded.
+ENTRY_PROBE = """
+import gc, json, sys
+sys.argv = ["caltech", *sys.argv[1:]]
+import caltech_cli.__main__ as entry
+package_alone = sorted(m for m in ("torch", "pytorch_lightning") if m in sys.modules)
+try:
+    entry.main()
+except SystemExit:
+    pass
+print(json.dumps({"package_alone": package_alone, "frozen": gc.get_freeze_count(), "collecting": gc.isenabled(),
+                  "timm": "timm" in sys.modules}))
+"""
+
+
+def test_command_start_up_keeps_the_collector_off_the_imports(tmp_path):
+    """`caltech`'s entry point imports torch and Lightning with the garbage collector paused and
+    then freezes what they made (``gc.freeze``): its passes over those objects cost about 2 s of a
+    one-image predict on a 2-core CPU (benchmarks/startup.py). Parsing the options of a torchvision
+    backbone must not import timm either (jsonargparse runs a module's TYPE_CHECKING imports)."""
+    missing = tmp_path / "not-here"
+    result = subprocess.run([sys.executable, "-c", ENTRY_PROBE, "fit", "--config", TRANSFER, "--data.source",
+                             str(missing), "--trainer.logger", "false"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert f"caltech: error: data.source {missing} does not exist" in result.stderr, "the options were parsed"
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    assert probe["package_alone"] == [], "importing the package loads torch or Lightning before the entry point"
+    assert probe["frozen"] > 100_000, "the imports' objects are left to the collector"
+    assert probe["collecting"], "the collector stays off for the run"
+    assert not probe["timm"], "parsing a torchvision backbone's options imported timm"
