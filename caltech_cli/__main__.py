@@ -2,6 +2,7 @@
 for one run."""
 
 import gc
+import sys
 
 
 def main() -> None:
@@ -11,14 +12,21 @@ def main() -> None:
     collector's full passes over them cost about a second while importing and another while the
     interpreter exits, most of a one-image ``caltech predict``'s own time on a 2-core CPU
     (``benchmarks/startup.py``). ``gc.freeze`` moves them out of its sight; what the run itself
-    makes is collected as usual, and forked loader workers share those pages longer.
+    makes is collected as usual, and forked loader workers share those pages longer. Only the
+    first import is frozen: a second run in the same process (a notebook, a sweep) leaves the
+    first run's garbage to the collector.
     """
-    gc.disable()
+    first = "caltech_cli.cli" not in sys.modules
+    collecting = gc.isenabled()
+    if first:
+        gc.disable()
     try:
         from caltech_cli import cli
     finally:
-        gc.freeze()
-        gc.enable()
+        if first:
+            gc.freeze()
+            if collecting:
+                gc.enable()
     cli.main()
 
 

@@ -20,7 +20,9 @@ from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCL
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.optim import Optimizer
 
-from caltech_cli import compare, export
+# finetuning is imported for its callback alone: jsonargparse resolves a short class name
+# (`--trainer.callbacks+=BackboneUnfreeze`) and lists it in `--help` only once its module is loaded.
+from caltech_cli import compare, export, finetuning  # noqa: F401
 from caltech_cli.backbones import preprocessing_for
 from caltech_cli.callbacks import (
     BestAndLastCheckpoint,

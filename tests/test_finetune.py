@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -173,3 +174,17 @@ def test_ddp_trains_the_unfrozen_backbone_on_every_process(image_folder, tmp_pat
     assert alone.returncode == 0, alone.stderr[-3000:]
     printed = printed_metrics(alone.stdout, "val")
     assert printed["val/loss"] == pytest.approx(float(logged["val/loss"]), rel=1e-5)
+
+
+def test_callback_by_its_short_name(tmp_path):
+    """`--trainer.callbacks+=BackboneUnfreeze` (jsonargparse finds a class by its name only
+    among the modules the command has loaded) and its options under `--trainer.callbacks.help`."""
+    config = str(REPO / "configs" / "transfer.yaml")
+    added = run_caltech("fit", "--config", config, "--model.freeze_backbone", "false",
+                        "--trainer.callbacks+=BackboneUnfreeze", "--trainer.callbacks.unfreeze_at_epoch", "3",
+                        "--print_config", cwd=tmp_path)
+    assert added.returncode == 0, added.stderr[-2000:]
+    assert re.search(r"class_path: caltech_cli\.(finetuning\.)?BackboneUnfreeze", added.stdout)
+    assert "unfreeze_at_epoch: 3" in added.stdout
+    helped = run_caltech("fit", "--trainer.callbacks.help", "BackboneUnfreeze", cwd=tmp_path)
+    assert helped.returncode == 0 and "--trainer.callbacks.unfreeze_at_epoch" in helped.stdout, helped.stderr[-2000:]
