@@ -8,7 +8,10 @@ features of the size of Caltech-101's train split (MobileNetV2's width):
   (a) a loader that fetches and stacks item by item (what DataLoader does by default);
   (b) the loader ``caltech`` uses: ``CachedFeatures.__getitems__`` takes each batch in one go;
   (c) a plain PyTorch loop over (b)'s batches: forward, cross-entropy, backward, SGD step;
-  (d) Lightning epochs of the same head with (a)'s loader, and (e) with (b)'s.
+  (d) Lightning epochs of the same head with (a)'s loader, and (e) with (b)'s, logging the loss
+      the usual way (``self.log`` every step, averaged over the epoch);
+  (f) Lightning epochs of ``caltech``'s own model (``TransferClassifier``, its metrics, its
+      logging once per epoch) over (b)'s loader, with the same SGD.
 
     python benchmarks/head_epochs.py                    # CPU
     python benchmarks/head_epochs.py --accelerator gpu
@@ -27,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common import add_device_options, device_of, synchronize  # noqa: I001
 from caltech_cli.features import CachedFeatures, keep_batch
+from caltech_cli.model import TransferClassifier
 
 
 class ItemByItem(Dataset):
@@ -55,6 +59,13 @@ class Head(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class CaltechHead(TransferClassifier):
+    """``caltech``'s model as a transfer fit trains it over cached features, with (c)'s optimizer."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.head.parameters(), lr=0.01, momentum=0.9)
 
 
 def epochs_per_s(loader: DataLoader, epochs: int, step=None, device: torch.device | None = None) -> float:
@@ -93,25 +104,30 @@ def main() -> None:
         F.cross_entropy(head(features), labels).backward()
         optimizer.step()
 
-    def lightning(loader: DataLoader) -> float:
+    def lightning(loader: DataLoader, module: pl.LightningModule) -> float:
         trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=1, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         start = time.perf_counter()
-        trainer.fit(Head(args.width, args.classes), loader)
+        trainer.fit(module, loader)
         return args.epochs / (time.perf_counter() - start)
 
     epochs_per_s(batches, 1, step, device)  # warm-up: allocator, kernels
     a = epochs_per_s(items, args.epochs)
     b = epochs_per_s(batches, args.epochs)
     c = epochs_per_s(batches, args.epochs, step, device)
-    d = lightning(items)
-    e = lightning(batches)
+    d = lightning(items, Head(args.width, args.classes))
+    e = lightning(batches, Head(args.width, args.classes))
+    caltech_head = CaltechHead(backbone="mobilenet_v2", weights=None, class_names=[str(i) for i in range(args.classes)])
+    assert caltech_head.num_features == args.width, "(f) is MobileNetV2's head: pass --width 1280"
+    f = lightning(batches, caltech_head)
     print(f"{args.images} features x {args.views} views, width {args.width}, batch {args.batch}, {args.epochs} epochs, "
           f"{device}; epochs/s (images/s)")
     for name, rate in [("(a) fetch item by item", a), ("(b) fetch whole batches", b), ("(c) plain head loop", c),
-                       ("(d) Lightning, item by item", d), ("(e) Lightning, whole batches", e)]:
+                       ("(d) Lightning, item by item", d), ("(e) Lightning, whole batches", e),
+                       ("(f) caltech's model, whole batches", f)]:
         print(f"{name:32} {rate:8.2f}  ({rate * args.images:9.0f})")
-    print(f"ratios: fetch b/a {b / a:.1f}x   Lightning e/d {e / d:.2f}x   e vs plain loop c {e / c:.2f}")
+    print(f"ratios: fetch b/a {b / a:.1f}x   Lightning e/d {e / d:.2f}x   e vs plain loop c {e / c:.2f}   "
+          f"caltech's model f vs e {f / e:.2f}x, vs plain loop c {f / c:.2f}")
 
 
 if __name__ == "__main__":

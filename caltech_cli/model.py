@@ -79,6 +79,9 @@ class TransferClassifier(LightningModule):
         self.loss_weights: torch.Tensor | None = None
         # Whether unfrozen BatchNorm layers use batch statistics; the fine-tuning callback sets it.
         self.train_bn = True
+        # The training epoch's loss summed over its images so far, and their count (``training_step``).
+        self._train_loss_sum: torch.Tensor | None = None
+        self._train_images = 0
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -180,14 +183,53 @@ class TransferClassifier(LightningModule):
         logits = self(images)
         loss = self.loss(logits, labels, training=stage == "train")
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels),
-                 sync_dist=True)
         metrics.update(logits, labels)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(labels))
+        if stage != "train":
+            self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels),
+                     sync_dist=True)
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(labels))
         return loss, logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")[0]
+        """One step; the epoch's training loss and metrics are logged once, at its last batch.
+
+        Lightning's ``self.log`` costs about as much as a step of the head over cached features,
+        so logging every step only to average at the epoch's end took a large share of a transfer
+        fit's head epochs. Logged after the last batch (``on_train_batch_end``), the epoch's figures
+        reach the callbacks' ``on_train_epoch_end`` (``history.csv``, checkpoints) and the loggers
+        as before.
+        """
+        loss = self._step(batch, "train")[0]
+        images = len(batch[1])
+        weighted = loss.detach() * images
+        self._train_loss_sum = weighted if self._train_loss_sum is None else self._train_loss_sum + weighted
+        self._train_images += images
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After the epoch's last batch, or the step that reaches ``trainer.max_steps``, log its figures."""
+        max_steps = self.trainer.max_steps
+        if self.trainer.is_last_batch or (max_steps != -1 and self.trainer.global_step >= max_steps):
+            self._log_training_epoch()
+
+    def _log_training_epoch(self) -> None:
+        """Log the training loss (its mean over the epoch's images) and metrics of the epoch so far."""
+        if not self._train_images:
+            return
+        self.log("train/loss", self._train_loss_sum / self._train_images, on_step=False, on_epoch=True,
+                 prog_bar=True, batch_size=self._train_images, sync_dist=True)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, prog_bar=True)
+        self._train_loss_sum, self._train_images = None, 0
+
+    def on_train_epoch_start(self) -> None:
+        """Start the epoch's sums afresh, also after a fit that an exception cut short."""
+        self._train_loss_sum, self._train_images = None, 0
+        if self.class_names is not None:
+            self.train_metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        """An epoch that a callback stops early (``trainer.should_stop``) logs what it trained too."""
+        self._log_training_epoch()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

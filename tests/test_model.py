@@ -190,3 +190,52 @@ def test_class_weighted_smoothed_training_loss(image_folder, tmp_path, class_wei
 def test_label_smoothing_out_of_range_is_refused(smoothing):
     with pytest.raises(CaltechError, match=r"model.label_smoothing .* is not in \[0, 1\)"):
         TransferClassifier(weights=None, num_classes=3, label_smoothing=smoothing)
+
+
+class EpochFigures(pl.Callback):
+    """What each training epoch should log, from its batches (their loss, size and hits, taken
+    before the step changes the head), beside what the callbacks see logged when it ends."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[float, int, int]]] = []
+        self.logged: list[dict[str, float]] = []
+        self._hits = 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.batches.append([])
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        with torch.no_grad():
+            self._hits = int((pl_module(batch[0]).argmax(dim=1) == batch[1]).sum())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        self.batches[-1].append((float(outputs["loss"]), len(batch[1]), self._hits))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.logged.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+
+@pytest.mark.parametrize(
+    ("limits", "steps"),  # 50 images in batches of 8: 7 steps an epoch
+    [({}, [7, 7, 7]), ({"limit_train_batches": 3}, [3, 3, 3]), ({"max_steps": 9}, [7, 2])],
+)
+def test_training_epoch_logs_its_mean_loss_and_accuracy(limits, steps):
+    """The training loss and accuracy are logged once per epoch (``self.log`` every step cost a
+    large share of the head's epochs) and are still the means over all of the epoch's images,
+    however the epoch ends: its last batch, ``limit_train_batches``, or ``max_steps`` within it."""
+    torch.manual_seed(0)
+    features, labels = torch.randn(50, 1280), torch.randint(3, (50,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(features, labels), batch_size=8)
+    model = TransferClassifier(backbone="mobilenet_v2", weights=None, class_names=["a", "b", "c"])
+    figures = EpochFigures()
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[figures], **limits)
+    trainer.fit(model, loader)
+    assert [len(batches) for batches in figures.batches] == steps
+    assert len(figures.logged) == len(steps)
+    for batches, logged in zip(figures.batches, figures.logged):
+        images = sum(n for _, n, _ in batches)
+        assert logged["train/loss"] == pytest.approx(sum(loss * n for loss, n, _ in batches) / images, rel=1e-5)
+        assert logged["train/acc"] == pytest.approx(sum(hits for _, _, hits in batches) / images, rel=1e-5)
+    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    assert final == pytest.approx(figures.logged[-1], rel=1e-6), "the loggers see what the callbacks saw"
