@@ -124,7 +124,7 @@ def main() -> None:
           f"{device}; epochs/s (images/s)")
     for name, rate in [("(a) fetch item by item", a), ("(b) fetch whole batches", b), ("(c) plain head loop", c),
                        ("(d) Lightning, item by item", d), ("(e) Lightning, whole batches", e),
-                       ("(f) caltech's model, whole batches", f)]:
+                       ("(f) caltech's model", f)]:
         print(f"{name:32} {rate:8.2f}  ({rate * args.images:9.0f})")
     print(f"ratios: fetch b/a {b / a:.1f}x   Lightning e/d {e / d:.2f}x   e vs plain loop c {e / c:.2f}   "
           f"caltech's model f vs e {f / e:.2f}x, vs plain loop c {f / c:.2f}")
