@@ -201,7 +201,7 @@ class TransferClassifier(LightningModule):
         """
         loss = self._step(batch, "train")[0]
         images = len(batch[1])
-        weighted = loss.detach() * images
+        weighted = loss.detach().float() * images  # summed in float32 whatever the trainer's precision
         self._train_loss_sum = weighted if self._train_loss_sum is None else self._train_loss_sum + weighted
         self._train_images += images
         return loss
@@ -221,14 +221,20 @@ class TransferClassifier(LightningModule):
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, prog_bar=True)
         self._train_loss_sum, self._train_images = None, 0
 
+    def on_train_start(self) -> None:
+        """Start the sums afresh, also where a fit resumes within an epoch (no epoch starts
+        then), after another fit of this model that an exception cut short."""
+        self.on_train_epoch_start()
+
     def on_train_epoch_start(self) -> None:
-        """Start the epoch's sums afresh, also after a fit that an exception cut short."""
         self._train_loss_sum, self._train_images = None, 0
         if self.class_names is not None:
             self.train_metrics.reset()
 
     def on_train_epoch_end(self) -> None:
-        """An epoch that a callback stops early (``trainer.should_stop``) logs what it trained too."""
+        """An epoch that something stopped before its last batch (early stopping at a validation
+        within the epoch, ``trainer.max_time``) logs what it trained too; ``EpochHistory`` writes
+        its row after this."""
         self._log_training_epoch()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

@@ -12,6 +12,7 @@ import torchvision
 
 from caltech_cli import backbones
 from caltech_cli.backbones import preprocessing_for, resolve_backbone
+from caltech_cli.callbacks import BestAndLastCheckpoint, EpochHistory, read_history
 from caltech_cli.data import Caltech101DataModule
 from caltech_cli.errors import CaltechError
 from caltech_cli.model import TransferClassifier, inverse_frequency
@@ -194,48 +195,100 @@ def test_label_smoothing_out_of_range_is_refused(smoothing):
 
 class EpochFigures(pl.Callback):
     """What each training epoch should log, from its batches (their loss, size and hits, taken
-    before the step changes the head), beside what the callbacks see logged when it ends."""
+    before the step changes the head), beside what the callbacks see logged when it ends; stops
+    the fit within an epoch (``stop_at``: epoch, batch) as early stopping or a time limit would,
+    or fails there (``fail_at``) as a crash or Ctrl-C would."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_at: tuple[int, int] | None = None, fail_at: tuple[int, int] | None = None) -> None:
         self.batches: list[list[tuple[float, int, int]]] = []
         self.logged: list[dict[str, float]] = []
+        self.stop_at, self.fail_at = stop_at, fail_at
         self._hits = 0
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.batches.append([])  # a fit resumed within an epoch starts none
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.batches.append([])
+        if self.batches[-1]:
+            self.batches.append([])
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == self.fail_at:
+            raise RuntimeError("stopped here")
         with torch.no_grad():
             self._hits = int((pl_module(batch[0]).argmax(dim=1) == batch[1]).sum())
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         self.batches[-1].append((float(outputs["loss"]), len(batch[1]), self._hits))
+        if (trainer.current_epoch, batch_idx) == self.stop_at:
+            trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.logged.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
 
 
-@pytest.mark.parametrize(
-    ("limits", "steps"),  # 50 images in batches of 8: 7 steps an epoch
-    [({}, [7, 7, 7]), ({"limit_train_batches": 3}, [3, 3, 3]), ({"max_steps": 9}, [7, 2])],
-)
-def test_training_epoch_logs_its_mean_loss_and_accuracy(limits, steps):
-    """The training loss and accuracy are logged once per epoch (``self.log`` every step cost a
-    large share of the head's epochs) and are still the means over all of the epoch's images,
-    however the epoch ends: its last batch, ``limit_train_batches``, or ``max_steps`` within it."""
+def expected_figures(batches: list[tuple[float, int, int]]) -> dict[str, float]:
+    images = sum(n for _, n, _ in batches)
+    return {"train/loss": sum(loss * n for loss, n, _ in batches) / images,
+            "train/acc": sum(hits for _, _, hits in batches) / images}
+
+
+def history_figures(root: Path) -> list[dict[str, float]]:
+    return [{k: row[k] for k in ("train/loss", "train/acc")} for row in read_history(root / "history.csv")]
+
+
+def features_loader() -> torch.utils.data.DataLoader:
+    """50 stored feature vectors of MobileNetV2's width in batches of 8: 7 steps an epoch."""
     torch.manual_seed(0)
     features, labels = torch.randn(50, 1280), torch.randint(3, (50,))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(features, labels), batch_size=8)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(features, labels), batch_size=8)
+
+
+def head_only_trainer(root: Path, *callbacks: pl.Callback, **options) -> pl.Trainer:
+    return pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=root, callbacks=[*callbacks, EpochHistory()], **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "stop_at", "steps"),
+    [
+        ({}, None, [7, 7, 7]),
+        ({"limit_train_batches": 3}, None, [3, 3, 3]),
+        ({"max_steps": 9}, None, [7, 2]),
+        ({}, (1, 2), [7, 3]),  # stopped within an epoch, as early stopping or trainer.max_time do
+    ],
+)
+def test_training_epoch_logs_its_mean_loss_and_accuracy(tmp_path, options, stop_at, steps):
+    """The training loss and accuracy are logged once per epoch (``self.log`` every step cost a
+    large share of the head's epochs) and are still the means over all of the epoch's images,
+    however the epoch ends, for the callbacks, the loggers and history.csv alike."""
     model = TransferClassifier(backbone="mobilenet_v2", weights=None, class_names=["a", "b", "c"])
-    figures = EpochFigures()
-    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[figures], **limits)
-    trainer.fit(model, loader)
+    figures = EpochFigures(stop_at=stop_at)
+    trainer = head_only_trainer(tmp_path, figures, enable_checkpointing=False, **options)
+    trainer.fit(model, features_loader())
     assert [len(batches) for batches in figures.batches] == steps
-    assert len(figures.logged) == len(steps)
-    for batches, logged in zip(figures.batches, figures.logged):
-        images = sum(n for _, n, _ in batches)
-        assert logged["train/loss"] == pytest.approx(sum(loss * n for loss, n, _ in batches) / images, rel=1e-5)
-        assert logged["train/acc"] == pytest.approx(sum(hits for _, _, hits in batches) / images, rel=1e-5)
+    expected = [expected_figures(batches) for batches in figures.batches]
+    assert history_figures(tmp_path) == [pytest.approx(e, rel=1e-5) for e in expected]
+    if stop_at is None:  # a stopped epoch's figures come after the callbacks' epoch end (history.csv waits)
+        assert figures.logged == [pytest.approx(e, rel=1e-5) for e in expected]
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-    assert final == pytest.approx(figures.logged[-1], rel=1e-6), "the loggers see what the callbacks saw"
+    assert final == pytest.approx(expected[-1], rel=1e-5), "the loggers see the last epoch's figures"
+
+
+def test_fit_resumed_within_an_epoch_logs_what_it_trained(tmp_path):
+    """A fit that failed within an epoch saved last.ckpt there; resumed from it (the same model
+    object, as in a notebook), the epoch's figures are those of the batches trained after the
+    resume, and history.csv keeps the epochs before it."""
+    model = TransferClassifier(backbone="mobilenet_v2", weights=None, class_names=["a", "b", "c"])
+    checkpoints = BestAndLastCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_on_exception=True)
+    failing = EpochFigures(fail_at=(1, 3))
+    with pytest.raises(RuntimeError, match="stopped here"):
+        head_only_trainer(tmp_path, failing, checkpoints).fit(model, features_loader())
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    resumed = EpochFigures()
+    checkpoints = BestAndLastCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_on_exception=True)
+    head_only_trainer(tmp_path, resumed, checkpoints).fit(model, features_loader(),
+                                                          ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    assert [len(batches) for batches in resumed.batches] == [4, 7]
+    expected = [expected_figures(failing.batches[0]), *map(expected_figures, resumed.batches)]
+    assert history_figures(tmp_path) == [pytest.approx(e, rel=1e-5) for e in expected]
