@@ -5,8 +5,11 @@
     default), over the same files with the same decoding, batch size and workers; timed as its
     loop alone (after an untimed pass that warms the page cache and the device) and as a whole program
     (interpreter, imports, loading the checkpoint);
-(b) ``caltech predict --ckpt_path ...`` writing predictions.csv, timed as a whole command, and
-    also less its start-up (a run over a single image), which a longer job pays once.
+(b) ``caltech predict --ckpt_path ...`` writing predictions.csv, one view of each image like (a)
+    (``--data.tta_flip false``), timed as a whole command, and also less its start-up (a run over
+    a single image), which a longer job pays once;
+(c) the same as ``configs/transfer.yaml`` runs it, with test-time augmentation: each image and
+    its mirror image go through the network, twice (a)'s work for the backbone.
 
 Ratios compare like with like: whole program against whole program, loop against loop.
 
@@ -39,10 +42,11 @@ CONFIG = REPO / "configs" / "transfer.yaml"
 BATCH_SIZE = yaml.safe_load(CONFIG.read_text())["data"]["init_args"]["batch_size"]
 
 
-def predict(ckpt: Path, folder: Path, work: Path, args) -> float:
+def predict(ckpt: Path, folder: Path, work: Path, args, tta: bool = False) -> float:
     return caltech("predict", "--config", str(CONFIG), "--ckpt_path", str(ckpt), "--data.predict_dir", str(folder),
-                   "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                   "--trainer.default_root_dir", str(work), *device_options(args), cwd=work.parent).seconds
+                   "--data.tta_flip", str(tta).lower(), "--trainer.logger", "false",
+                   "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(work),
+                   *device_options(args), cwd=work.parent).seconds
 
 
 def plain(ckpt: Path, files: list[Path], args) -> float:
@@ -98,6 +102,7 @@ def main() -> None:
     startup_s = predict(args.ckpt, one, work / "startup", args)
     predict_s = predict(args.ckpt, images, work / "run", args)
     steady_s = predict_s - startup_s
+    tta_s = predict(args.ckpt, images, work / "tta", args, tta=True) - startup_s
     n = len(copied)
     print(f"images: {n}, {len(os.sched_getaffinity(0))} CPU cores, {args.accelerator}, {precision_of(args)}, "
           f"batch {BATCH_SIZE}, {default_num_workers()} workers, torch {torch.__version__}")
@@ -107,6 +112,8 @@ def main() -> None:
           f"  throughput vs whole plain program {plain_whole_s / predict_s:.2f}")
     print(f"    less its start-up ({startup_s:.1f} s, one image): {steady_s:7.1f} s  {n / steady_s:6.1f} img/s"
           f"  throughput vs plain loop {plain_s / steady_s:.2f}")
+    print(f"(c) with TTA (image + mirror), less start-up: {tta_s:7.1f} s  {n / tta_s:6.1f} img/s"
+          f"  throughput vs plain loop {plain_s / tta_s:.2f}, vs (b) {steady_s / tta_s:.2f}")
     shutil.rmtree(work)
 
 

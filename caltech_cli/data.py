@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from caltech_cli import sources
 from caltech_cli.backbones import Preprocessing
 from caltech_cli.errors import CaltechError, folder_lock, writable_folder
-from caltech_cli.features import CachedFeatures, Split, cached_features, keep_batch
+from caltech_cli.features import CPU_BATCH, CachedFeatures, Split, cached_features, keep_batch
 from caltech_cli.images import (
     IMAGE_EXTENSIONS,
     NOT_AN_IMAGE,
@@ -64,10 +64,10 @@ def loader_workers(workers: int, images: int, batch_size: int) -> int:
 
 
 # Images per batch of the backbone pass that fills the feature cache, when not given: on a CPU
-# small channels-last batches run MobileNetV2 fastest (16 about 1.7x faster than 32); on a GPU the
-# pass waits on decoding, and each worker decodes a whole batch before the device sees any of
-# it: batches of 32 keep that wait short at the start and at the end of the pass.
-FEATURE_BATCH_SIZE = {"cpu": 16, "cuda": 32}
+# the backbone's own best (``features.CPU_BATCH``); on a GPU the pass waits on decoding, and each
+# worker decodes a whole batch before the device sees any of it: batches of 32 keep that wait
+# short at the start and at the end of the pass.
+FEATURE_BATCH_SIZE = {"cpu": CPU_BATCH, "cuda": 32}
 # The splits whose features a stage uses, computed together when the first is asked for.
 STAGE_SPLITS = {TrainerFn.FITTING: ("val", "train"), TrainerFn.VALIDATING: ("val",), TrainerFn.TESTING: ("test",)}
 

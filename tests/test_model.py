@@ -15,6 +15,7 @@ from caltech_cli.backbones import preprocessing_for, resolve_backbone
 from caltech_cli.callbacks import BestAndLastCheckpoint, EpochHistory, read_history
 from caltech_cli.data import Caltech101DataModule
 from caltech_cli.errors import CaltechError
+from caltech_cli.features import CPU_BATCH
 from caltech_cli.model import TransferClassifier, inverse_frequency
 from caltech_cli.sources import file_digest
 
@@ -292,3 +293,24 @@ def test_fit_resumed_within_an_epoch_logs_what_it_trained(tmp_path):
     assert [len(batches) for batches in resumed.batches] == [4, 7]
     expected = [expected_figures(failing.batches[0]), *map(expected_figures, resumed.batches)]
     assert history_figures(tmp_path) == [pytest.approx(e, rel=1e-5) for e in expected]
+
+
+def test_backbone_in_eval_mode_runs_large_cpu_batches_in_chunks():
+    """On a CPU, predict's and test's batches (64 images, 128 with mirror images) go through a
+    backbone in eval mode in chunks of CPU_BATCH, several times as fast there, with the same
+    features; a backbone that trains sees its batch whole (BatchNorm's batch statistics)."""
+    model = TransferClassifier(backbone="mobilenet_v2", weights=None, freeze_backbone=False, class_names=["a", "b"])
+    calls: list[int] = []
+    model.backbone.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    images = torch.randn(2 * CPU_BATCH + 3, 3, 64, 64)
+    model.eval()
+    chunked = model.features(images)
+    assert calls == [CPU_BATCH, CPU_BATCH, 3]
+    calls.clear()
+    with torch.no_grad():
+        whole = model.backbone(images.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(chunked, whole, atol=1e-5)
+    calls.clear()
+    model.train()
+    model.features(images)
+    assert calls == [len(images)], "a training backbone's batch statistics need the whole batch"
