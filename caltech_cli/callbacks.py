@@ -447,11 +447,13 @@ class EpochHistory(Callback):
         self._last_batch_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """After the epoch's validation too, so each row holds the same epoch's train and val metrics."""
+        """Note how fast the epoch trained; its row, with the epoch's validation too, is written
+        once its metrics are final (``_write_ended``)."""
         seconds = self._last_batch_end - self._epoch_start
         self._ended = {"epoch": trainer.current_epoch}
         if seconds > 0:
-            self._ended.update({"train/seconds": round(seconds, 3), "train/images_per_s": round(self._images / seconds, 1)})
+            self._ended["train/seconds"] = round(seconds, 3)
+            self._ended["train/images_per_s"] = round(self._images / seconds, 1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_ended(trainer)
