@@ -40,9 +40,12 @@ from caltech_cli.images import LabelledImages
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-# Images per forward pass of a backbone that does not train, on a CPU: small channels-last batches
-# keep MobileNetV2's activations in the caches (16 about 1.7x as fast as 32, 1.8x as fast as 64).
-CPU_BATCH = 16
+# Images per forward pass of a backbone that does not train, on a CPU. MobileNetV2's largest
+# activation is about 5 MB an image at 224 pixels, so small channels-last batches keep them in the
+# last-level cache: on a 2-core EPYC (32 MB L3) 4 images a pass ran 2.1-2.2x as fast as 16 and
+# 1.3-1.4x as fast as 8 (16 is 1.8x as fast as 64); with decoding in 2 loader workers, the feature
+# pass ran 1.5x as fast at 4 as at 16, and slower at 2 (benchmarks/fit.py's floor).
+CPU_BATCH = 4
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 
 
