@@ -3,9 +3,15 @@ for one run."""
 
 import gc
 import sys
+from types import ModuleType
 
 
 def main() -> None:
+    """Run ``caltech`` with the command line of this process."""
+    import_cli().main()
+
+
+def import_cli() -> ModuleType:
     """Import the tool with the garbage collector paused, then freeze what the imports made.
 
     torch, torchvision and Lightning make about a million long-lived objects as they load. The
@@ -27,7 +33,7 @@ def main() -> None:
             gc.freeze()
             if collecting:
                 gc.enable()
-    cli.main()
+    return cli
 
 
 if __name__ == "__main__":

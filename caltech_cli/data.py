@@ -125,8 +125,8 @@ class ImageClassificationDataModule(LightningDataModule):
         feature_batch_size: Images per batch of the backbone pass that fills the cache; null
             picks by device: 4 on a CPU (small channels-last batches keep the activations in
             the cache: 4 ran MobileNetV2 about 2x as fast as 16 on a 2-core CPU), 32 on a GPU
-            (the pass waits on decoding, and smaller batches reach the device sooner). The head may learn from larger batches
-            (``batch_size``).
+            (the pass waits on decoding, and smaller batches reach the device sooner). The head
+            may learn from larger batches (``batch_size``).
         tta_flip: Test-time augmentation: ``validate``, ``test`` and ``predict`` average the
             model's probabilities over each image and its mirror image. With cached features the
             mirror images' features are cached too (one more backbone pass over the split, once).

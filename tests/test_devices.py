@@ -14,8 +14,8 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from packaging.requirements import Requirement
 from conftest import TRANSFER
+from packaging.requirements import Requirement
 from packaging.version import Version
 
 from caltech_cli import cli
