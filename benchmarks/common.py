@@ -24,8 +24,9 @@ if str(REPO) not in sys.path:
 
 def add_device_options(parser) -> None:
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"], help="where to run (default: cpu)")
-    parser.add_argument("--precision", default=None,
-                        help="Lightning precision (default: 32-true on a CPU, bf16-mixed on a GPU)")
+    parser.add_argument(
+        "--precision", default=None, help="Lightning precision (default: 32-true on a CPU, bf16-mixed on a GPU)"
+    )
 
 
 def device_of(accelerator: str) -> torch.device:
@@ -52,7 +53,14 @@ def synchronize(device: torch.device) -> None:
 
 def device_options(args) -> list[str]:
     """The ``caltech`` options that put a run where the plain loop runs."""
-    return ["--trainer.accelerator", args.accelerator, "--trainer.devices", "1", "--trainer.precision", precision_of(args)]
+    return [
+        "--trainer.accelerator",
+        args.accelerator,
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        precision_of(args),
+    ]
 
 
 @dataclass
@@ -70,11 +78,26 @@ class Run:
         return re.search(pattern, self.output)
 
 
+def fit_options(config: Path, source: str, work: Path, args) -> list[str]:
+    """``caltech fit``'s options for a benchmark: the config on ``source``, data under ``work``,
+    ``args.epochs`` epochs on a cosine schedule of that length, ``args.classes`` if given, nothing
+    logged or drawn, on the benchmark's device."""
+    options = [
+        "--config", str(config), "--data.source", source, "--data.data_dir", str(work / "data"),
+        "--trainer.max_epochs", str(args.epochs), "--lr_scheduler.T_max", str(args.epochs),
+        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", *device_options(args),
+    ]  # fmt: skip
+    if args.classes:
+        options += ["--data.classes", "[" + ", ".join(args.classes) + "]"]
+    return options
+
+
 def caltech(*args: str, cwd: Path, check: bool = True) -> Run:
     """Run the real ``caltech`` command, W&B off unless WANDB_MODE says otherwise; every output line
     comes with the moment it was printed (tqdm's carriage returns split lines too)."""
-    env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"), WANDB_SILENT="true",
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"), WANDB_SILENT="true", PYTHONUNBUFFERED="1"
+    )
     command = [sys.executable, "-m", "caltech_cli", *args]  # the `caltech` script, also where only PYTHONPATH has it
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -86,8 +109,12 @@ def caltech(*args: str, cwd: Path, check: bool = True) -> Run:
         *complete, buffer = re.split(rb"[\r\n]", buffer)
         lines += [(now, line.decode(errors="replace")) for line in complete if line.strip()]
     process.wait()
-    run = Run(start, time.perf_counter() - start, lines + [(time.perf_counter(), buffer.decode(errors="replace"))],
-              process.returncode)
+    run = Run(
+        start,
+        time.perf_counter() - start,
+        lines + [(time.perf_counter(), buffer.decode(errors="replace"))],
+        process.returncode,
+    )
     if check and run.returncode != 0:
         sys.exit(f"caltech {args[0]} failed:\n{run.output[-3000:]}")
     return run
@@ -106,8 +133,11 @@ class GpuSampler:
         if tool is None:
             yield self
             return
-        process = subprocess.Popen([tool, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
-                                   stdout=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [tool, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
         def read() -> None:
             for line in process.stdout:
@@ -131,8 +161,9 @@ def feature_pass(run: Run, split: str) -> tuple[float, float, float, int] | None
     """(printed at, seconds, images/s, images) of a split's cache pass in ``caltech``'s output;
     ``split`` is a regular expression for the names the line gives ("val and train")."""
     for at, line in run.lines:
-        found = re.search(rf"Cached {split} features of (\d+) images .*\(([0-9.]+) s on \S+, ([0-9.]+) images/s\)",
-                          line)
+        found = re.search(
+            rf"Cached {split} features of (\d+) images .*\(([0-9.]+) s on \S+, ([0-9.]+) images/s\)", line
+        )
         if found:
             return at, float(found.group(2)), float(found.group(3)), int(found.group(1))
     return None

@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 
-from common import REPO, add_device_options, autocast, device_of, precision_of, synchronize  # noqa: I001
+from common import REPO, add_device_options, autocast, device_of, precision_of, synchronize
 
 SETTINGS = ("default", "v7-api", "benchmark", "cudnn-off", "nchw", "float32", "thread")
 
@@ -98,15 +98,30 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.accelerator, precision, args.batch, args.short, args.crop)))
         return
-    print(f"{args.accelerator}, {precision}, mobilenet_v2 at {args.crop} px, batch {args.batch}, short batch "
-          f"{args.short}; seconds, each setting in a fresh process")
+    print(
+        f"{args.accelerator}, {precision}, mobilenet_v2 at {args.crop} px, batch {args.batch}, short batch "
+        f"{args.short}; seconds, each setting in a fresh process"
+    )
     columns = ["device init", "model to device", "cold in another thread", "cold", "warm", "new shape", "again"]
     print(f"{'setting':10} " + " ".join(f"{c:>14}" for c in columns) + f" {'set-ups (s)':>12} {'x warm':>7}")
     for setting in args.settings:
         env = dict(os.environ, **({"TORCH_CUDNN_V8_API_DISABLED": "1"} if setting == "v7-api" else {}))
-        command = [sys.executable, __file__, "--child", setting, "--accelerator", args.accelerator,
-                   "--precision", precision, "--batch", str(args.batch), "--short", str(args.short),
-                   "--crop", str(args.crop)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            setting,
+            "--accelerator",
+            args.accelerator,
+            "--precision",
+            precision,
+            "--batch",
+            str(args.batch),
+            "--short",
+            str(args.short),
+            "--crop",
+            str(args.crop),
+        ]
         done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{setting:10} failed: {done.stderr.strip().splitlines()[-1:]}")

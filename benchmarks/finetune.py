@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from common import REPO, add_device_options, autocast, caltech, device_of, fit_options, precision_of, synchronize
 
-from common import REPO, add_device_options, autocast, caltech, device_of, device_options, precision_of, synchronize
 from caltech_cli.data import Caltech101DataModule
 from caltech_cli.model import TransferClassifier
 
@@ -41,8 +41,13 @@ UNFREEZE_AT = SETTINGS["trainer"]["callbacks"][0]["init_args"]["unfreeze_at_epoc
 
 
 def loader(data: Caltech101DataModule, device: torch.device) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(data.train_set, batch_size=BATCH_SIZE, shuffle=True,
-                                       num_workers=data.num_workers, pin_memory=device.type == "cuda")
+    return torch.utils.data.DataLoader(
+        data.train_set,
+        batch_size=BATCH_SIZE,
+        shuffle=True,
+        num_workers=data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def decode_only(data: Caltech101DataModule, device: torch.device, epochs: int) -> list[float]:
@@ -95,12 +100,7 @@ def main() -> None:
 
     decoded = decode_only(data, device, 2)
     trained = plain_training(data, device, precision, max(unfrozen, 2))
-    options = ["--config", str(CONFIG), "--data.source", source, "--data.data_dir", str(work / "data"),
-               "--trainer.max_epochs", str(args.epochs), "--lr_scheduler.T_max", str(args.epochs),
-               "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-               "--trainer.default_root_dir", str(work / "runs"), *device_options(args)]
-    if args.classes:
-        options += ["--data.classes", "[" + ", ".join(args.classes) + "]"]
+    options = [*fit_options(CONFIG, source, work, args), "--trainer.default_root_dir", str(work / "runs")]
     run = caltech("fit", *options, cwd=work)
     with open(work / "runs" / "history.csv", newline="") as f:
         history = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
@@ -108,15 +108,21 @@ def main() -> None:
     frozen = [row["train/images_per_s"] for row in history if row["epoch"] < UNFREEZE_AT]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{len(os.sched_getaffinity(0))} CPU cores"
-    print(f"train images: {len(data.train_set)}, {name}, {precision}, batch {BATCH_SIZE}, {data.num_workers} workers, "
-          f"torch {torch.__version__}")
+    print(
+        f"train images: {len(data.train_set)}, {name}, {precision}, batch {BATCH_SIZE}, {data.num_workers} workers, "
+        f"torch {torch.__version__}"
+    )
     print(f"(d) decode only, img/s per epoch:        {' '.join(f'{r:7.1f}' for r in decoded)}")
     print(f"(a) plain train loop, img/s per epoch:   {' '.join(f'{r:7.1f}' for r in trained)}")
     print(f"(b) caltech fit, frozen epochs:          {' '.join(f'{r:7.1f}' for r in frozen)}")
-    print(f"    caltech fit, unfrozen epochs:        {' '.join(f'{r:7.1f}' for r in ours)}   "
-          f"(whole command {run.seconds:.1f} s)")
-    print(f"ratios: b/a (last unfrozen epoch vs last plain epoch) {ours[-1] / trained[-1]:.2f}   "
-          f"a/d {trained[-1] / decoded[-1]:.2f}   b/d {ours[-1] / decoded[-1]:.2f}")
+    print(
+        f"    caltech fit, unfrozen epochs:        {' '.join(f'{r:7.1f}' for r in ours)}   "
+        f"(whole command {run.seconds:.1f} s)"
+    )
+    print(
+        f"ratios: b/a (last unfrozen epoch vs last plain epoch) {ours[-1] / trained[-1]:.2f}   "
+        f"a/d {trained[-1] / decoded[-1]:.2f}   b/d {ours[-1] / decoded[-1]:.2f}"
+    )
 
 
 if __name__ == "__main__":

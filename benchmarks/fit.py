@@ -30,22 +30,23 @@ import time
 from pathlib import Path
 
 import torch
-
-from common import (  # noqa: I001  (benchmarks/ is the script's folder)
+from common import (
     REPO,
     GpuSampler,
     add_device_options,
     autocast,
     caltech,
     device_of,
-    device_options,
     feature_pass,
+    fit_options,
     precision_of,
     synchronize,
 )
+
 from caltech_cli.backbones import resolve_backbone
-from caltech_cli.data import FEATURE_BATCH_SIZE, Caltech101DataModule
-from caltech_cli.images import eval_transform
+from caltech_cli.data import Caltech101DataModule
+from caltech_cli.loading import FEATURE_BATCH_SIZE
+from caltech_cli.transforms import eval_transform
 
 CONFIG = REPO / "configs" / "transfer.yaml"
 
@@ -57,10 +58,15 @@ def test_acc(output: str) -> float:
 def floor(data: Caltech101DataModule, device: torch.device, precision: str, batch_size: int) -> tuple[float, int]:
     """Seconds for one inference pass over train+val images, channels-last, as fast as plain PyTorch
     goes: one loader, files in the page cache, the network already warm on its device."""
-    network = resolve_backbone("mobilenet_v2", "IMAGENET1K_V1").module.eval().to(device, memory_format=torch.channels_last)
-    loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset([data.train_set, data.val_set]),
-                                         batch_size=batch_size, num_workers=data.num_workers,
-                                         pin_memory=device.type == "cuda")
+    network = (
+        resolve_backbone("mobilenet_v2", "IMAGENET1K_V1").module.eval().to(device, memory_format=torch.channels_last)
+    )
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.ConcatDataset([data.train_set, data.val_set]),
+        batch_size=batch_size,
+        num_workers=data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     with torch.inference_mode(), autocast(device, precision):
         for batch, _ in loader:  # warms the page cache (caltech fit below reads the files warm too) and the device
             network(batch.to(device).contiguous(memory_format=torch.channels_last))
@@ -88,21 +94,20 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="caltech-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     source = str(Path(args.source).resolve())
-    common = ["--config", str(CONFIG), "--data.source", source, "--data.data_dir", str(work / "data"),
-              "--trainer.max_epochs", str(args.epochs), "--lr_scheduler.T_max", str(args.epochs),
-              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", *device_options(args)]
-    if args.classes:
-        common += ["--data.classes", "[" + ", ".join(args.classes) + "]"]
+    common = fit_options(CONFIG, source, work, args)
 
     data = Caltech101DataModule(source, str(work / "data"), classes=args.classes)
     data.prepare_data()
     data.setup("fit")
-    data.train_set.transform = eval_transform(data.preprocessing)  # the floor runs the eval transform, as the cache does
+    # The floor runs the eval transform, as the cache does.
+    data.train_set.transform = eval_transform(data.preprocessing)
     batch = args.floor_batch or FEATURE_BATCH_SIZE[device.type]
     floor_s, images = floor(data, device, precision, batch)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{len(os.sched_getaffinity(0))} CPU cores"
-    print(f"images: {images} (train+val), {args.epochs} epochs, {name}, {precision}, batch {batch}, "
-          f"{data.num_workers} workers, torch {torch.__version__}")
+    print(
+        f"images: {images} (train+val), {args.epochs} epochs, {name}, {precision}, batch {batch}, "
+        f"{data.num_workers} workers, torch {torch.__version__}"
+    )
     print(f"(a) floor, one forward pass:   {floor_s:8.1f} s  {images / floor_s:7.1f} img/s")
 
     shutil.rmtree(work / "data" / "feature-cache", ignore_errors=True)  # (b) must start cold
@@ -114,28 +119,49 @@ def main() -> None:
     at, pass_s, _, _ = feature_pass(cold, "val and train")
     utilisation = sampler.mean(at - pass_s, at)
     shown = "n/a (no nvidia-smi)" if utilisation is None else f"{utilisation:.0f}% (mean of 100 ms samples)"
-    print(f"(b) fit's feature pass:        {pass_s:8.1f} s  {images / pass_s:7.1f} img/s  "
-          f"{images / pass_s / (images / floor_s):5.2f}x floor's img/s  GPU utilisation {shown}")
+    print(
+        f"(b) fit's feature pass:        {pass_s:8.1f} s  {images / pass_s:7.1f} img/s  "
+        f"{images / pass_s / (images / floor_s):5.2f}x floor's img/s  GPU utilisation {shown}"
+    )
     print(f"(b) fit, cache cold:           {cold.seconds:8.1f} s  (whole command)")
     warm = caltech("fit", *options, cwd=work)
     print(f"(b') fit, cache warm:          {warm.seconds:8.1f} s  (start-up + {args.epochs} head epochs)")
-    print(f"    cold - warm:               {cold.seconds - warm.seconds:8.1f} s  "
-          f"{(cold.seconds - warm.seconds) / floor_s:5.2f}x floor")
+    print(
+        f"    cold - warm:               {cold.seconds - warm.seconds:8.1f} s  "
+        f"{(cold.seconds - warm.seconds) / floor_s:5.2f}x floor"
+    )
     tested = caltech("test", *options, "--ckpt_path", str(root / "best.ckpt"), cwd=work)
     at, test_s, test_rate, test_images = feature_pass(tested, r"test(?: and test_flip)?")  # TTA: mirror view too
-    print(f"(t) test's feature pass:       {test_s:8.1f} s  {test_rate:7.1f} img/s  "
-          f"{test_rate / (images / floor_s):5.2f}x floor's img/s; whole command {tested.seconds:.1f} s, "
-          f"test/acc {test_acc(tested.output):.4f}")
+    print(
+        f"(t) test's feature pass:       {test_s:8.1f} s  {test_rate:7.1f} img/s  "
+        f"{test_rate / (images / floor_s):5.2f}x floor's img/s; whole command {tested.seconds:.1f} s, "
+        f"test/acc {test_acc(tested.output):.4f}"
+    )
     if args.uncached:
         root = work / "runs" / "uncached"
-        uncached = caltech("fit", *common, "--data.cache_features", "false", "--trainer.default_root_dir", str(root),
-                           cwd=work)
-        tested = caltech("test", *common, "--data.cache_features", "false", "--trainer.default_root_dir", str(root),
-                         "--ckpt_path", str(root / "best.ckpt"), cwd=work)
-        print(f"(c) fit, no cache:             {uncached.seconds:8.1f} s  {uncached.seconds / floor_s:5.2f}x floor  "
-              f"test/acc {test_acc(tested.output):.4f}")
-    print(f"ratios: feature pass b/a {pass_s / floor_s:.2f}   fit cold-warm / a {(cold.seconds - warm.seconds) / floor_s:.2f}"
-          f"   warm b'/b {warm.seconds / cold.seconds:.2f}   test pass img/s vs a {test_rate / (images / floor_s):.2f}")
+        uncached = caltech(
+            "fit", *common, "--data.cache_features", "false", "--trainer.default_root_dir", str(root), cwd=work
+        )
+        tested = caltech(
+            "test",
+            *common,
+            "--data.cache_features",
+            "false",
+            "--trainer.default_root_dir",
+            str(root),
+            "--ckpt_path",
+            str(root / "best.ckpt"),
+            cwd=work,
+        )
+        print(
+            f"(c) fit, no cache:             {uncached.seconds:8.1f} s  {uncached.seconds / floor_s:5.2f}x floor  "
+            f"test/acc {test_acc(tested.output):.4f}"
+        )
+    print(
+        f"ratios: feature pass b/a {pass_s / floor_s:.2f}"
+        f"   fit cold-warm / a {(cold.seconds - warm.seconds) / floor_s:.2f}"
+        f"   warm b'/b {warm.seconds / cold.seconds:.2f}   test pass img/s vs a {test_rate / (images / floor_s):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ import time
 
 import pytorch_lightning as pl
 import torch
+from common import add_device_options, device_of, synchronize
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from common import add_device_options, device_of, synchronize  # noqa: I001
 from caltech_cli.features import CachedFeatures, keep_batch
 from caltech_cli.model import TransferClassifier
 
@@ -91,8 +91,9 @@ def main() -> None:
     args = parser.parse_args()
     device = device_of(args.accelerator)
     torch.manual_seed(0)
-    cached = CachedFeatures(torch.randn(args.views, args.images, args.width),
-                            torch.randint(args.classes, (args.images,)))
+    cached = CachedFeatures(
+        torch.randn(args.views, args.images, args.width), torch.randint(args.classes, (args.images,))
+    )
     pin = device.type == "cuda"
     items = DataLoader(ItemByItem(cached), batch_size=args.batch, shuffle=True, pin_memory=pin)
     batches = DataLoader(cached, batch_size=args.batch, shuffle=True, pin_memory=pin, collate_fn=keep_batch)
@@ -105,8 +106,15 @@ def main() -> None:
         optimizer.step()
 
     def lightning(loader: DataLoader, module: pl.LightningModule) -> float:
-        trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=1, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer = pl.Trainer(
+            max_epochs=args.epochs,
+            accelerator=args.accelerator,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         start = time.perf_counter()
         trainer.fit(module, loader)
         return args.epochs / (time.perf_counter() - start)
@@ -120,14 +128,23 @@ def main() -> None:
     caltech_head = CaltechHead(backbone="mobilenet_v2", weights=None, class_names=[str(i) for i in range(args.classes)])
     assert caltech_head.num_features == args.width, "(f) is MobileNetV2's head: pass --width 1280"
     f = lightning(batches, caltech_head)
-    print(f"{args.images} features x {args.views} views, width {args.width}, batch {args.batch}, {args.epochs} epochs, "
-          f"{device}; epochs/s (images/s)")
-    for name, rate in [("(a) fetch item by item", a), ("(b) fetch whole batches", b), ("(c) plain head loop", c),
-                       ("(d) Lightning, item by item", d), ("(e) Lightning, whole batches", e),
-                       ("(f) caltech's model", f)]:
+    print(
+        f"{args.images} features x {args.views} views, width {args.width}, batch {args.batch}, {args.epochs} epochs, "
+        f"{device}; epochs/s (images/s)"
+    )
+    for name, rate in [
+        ("(a) fetch item by item", a),
+        ("(b) fetch whole batches", b),
+        ("(c) plain head loop", c),
+        ("(d) Lightning, item by item", d),
+        ("(e) Lightning, whole batches", e),
+        ("(f) caltech's model", f),
+    ]:
         print(f"{name:32} {rate:8.2f}  ({rate * args.images:9.0f})")
-    print(f"ratios: fetch b/a {b / a:.1f}x   Lightning e/d {e / d:.2f}x   e vs plain loop c {e / c:.2f}   "
-          f"caltech's model f vs e {f / e:.2f}x, vs plain loop c {f / c:.2f}")
+    print(
+        f"ratios: fetch b/a {b / a:.1f}x   Lightning e/d {e / d:.2f}x   e vs plain loop c {e / c:.2f}   "
+        f"caltech's model f vs e {f / e:.2f}x, vs plain loop c {f / c:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import REPO  # noqa: F401  (puts the repository on sys.path)
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from common import REPO  # noqa: F401  (puts the repository on sys.path)
-
-from caltech_cli.model import inverse_frequency
+from caltech_cli.metrics import inverse_frequency
 
 
 def load(folder: Path, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -43,14 +42,25 @@ def scores(head: torch.nn.Linear, views: list[torch.Tensor], labels: torch.Tenso
     """Top-1 and mean per-class accuracy of the probabilities averaged over the views."""
     with torch.no_grad():
         probs = torch.stack([head(v).softmax(dim=1) for v in views]).mean(0)
-    return (float(multiclass_accuracy(probs, labels, classes, average="micro")),
-            float(multiclass_accuracy(probs, labels, classes, average="macro")))
+    return (
+        float(multiclass_accuracy(probs, labels, classes, average="micro")),
+        float(multiclass_accuracy(probs, labels, classes, average="macro")),
+    )
 
 
 def train(
-    train_x: torch.Tensor, train_y: torch.Tensor, evals: dict[str, tuple[list[torch.Tensor], torch.Tensor]],
-    classes: int, epochs: int, lr: float, weight_decay: float, smoothing: float, power: float, batch: int,
-    monitor: str, seed: int = 42,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    evals: dict[str, tuple[list[torch.Tensor], torch.Tensor]],
+    classes: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    smoothing: float,
+    power: float,
+    batch: int,
+    monitor: str,
+    seed: int = 42,
 ) -> dict[str, float]:
     torch.manual_seed(seed)
     head = torch.nn.Linear(train_x.shape[1], classes)
@@ -80,14 +90,24 @@ def main() -> None:
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-3])
     parser.add_argument("--weight-decay", type=float, nargs="+", default=[0.01])
     parser.add_argument("--label-smoothing", type=float, nargs="+", default=[0.0])
-    parser.add_argument("--class-weights", type=float, nargs="+", default=[0.0, 0.5, 1.0],
-                        help="powers of inverse frequency: 0 none, 0.5 sqrt_inverse, 1 inverse")
+    parser.add_argument(
+        "--class-weights",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.5, 1.0],
+        help="powers of inverse frequency: 0 none, 0.5 sqrt_inverse, 1 inverse",
+    )
     parser.add_argument("--batch-size", type=int, nargs="+", default=[64])
     parser.add_argument("--monitor", default="val/acc", choices=["val/acc", "val/acc_macro"])
     parser.add_argument("--tta", action="store_true", help="average val (and test) over the mirror view too")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42],
-                        help="train each setting once per seed and print the mean (val has 1000 images: "
-                             "one image is 0.1 point of val/acc)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[42],
+        help="train each setting once per seed and print the mean (val has 1000 images: "
+        "one image is 0.1 point of val/acc)",
+    )
     options = parser.parse_args()
     torch.set_num_threads(1)
     train_x, train_y = load(options.cache, "train")
@@ -101,22 +121,36 @@ def main() -> None:
         views = [found[0][0]]
         flipped = load(options.cache, f"{name}_flip") if options.tta else None
         if options.tta and flipped is None:
-            raise SystemExit(f"--tta: {options.cache} holds no {name}_flip cache (run `caltech validate/test` "
-                             "with --data.tta_flip true once)")
+            raise SystemExit(
+                f"--tta: {options.cache} holds no {name}_flip cache (run `caltech validate/test` "
+                "with --data.tta_flip true once)"
+            )
         views += [flipped[0][0]] if flipped is not None else []
         evals[name] = (views, found[1])
     rows = []
-    grid = itertools.product(options.epochs, options.lr, options.weight_decay, options.label_smoothing,
-                             options.class_weights, options.batch_size)
+    grid = itertools.product(
+        options.epochs,
+        options.lr,
+        options.weight_decay,
+        options.label_smoothing,
+        options.class_weights,
+        options.batch_size,
+    )
     for epochs, lr, wd, smoothing, power, batch in grid:
         start = time.perf_counter()
-        runs = [train(train_x, train_y, evals, classes, epochs, lr, wd, smoothing, power, batch, options.monitor, seed)
-                for seed in options.seeds]
+        runs = [
+            train(train_x, train_y, evals, classes, epochs, lr, wd, smoothing, power, batch, options.monitor, seed)
+            for seed in options.seeds
+        ]
         best = {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}
         seconds = time.perf_counter() - start
         rows.append((best, f"epochs={epochs} lr={lr:g} wd={wd:g} ls={smoothing:g} cw={power:g} bs={batch}", seconds))
-        print(f"{rows[-1][1]:<60} " + " ".join(f"{k}={v:.4f}" for k, v in best.items() if k != "epoch")
-              + f" epoch={best['epoch']:.1f} {seconds:.1f}s", flush=True)
+        print(
+            f"{rows[-1][1]:<60} "
+            + " ".join(f"{k}={v:.4f}" for k, v in best.items() if k != "epoch")
+            + f" epoch={best['epoch']:.1f} {seconds:.1f}s",
+            flush=True,
+        )
     print(f"\nBest first by {options.monitor} (ties: val/acc_macro):")
     rows.sort(key=lambda r: (r[0][options.monitor], r[0]["val/acc_macro"]), reverse=True)
     for best, setting, _ in rows[:10]:

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import torch
 import yaml
+from common import REPO, add_device_options, autocast, caltech, device_of, device_options, precision_of, synchronize
 from torch.utils.data import DataLoader
 
-from common import REPO, add_device_options, autocast, caltech, device_of, device_options, precision_of, synchronize
-from caltech_cli.data import default_num_workers
 from caltech_cli.export import load_for_export
-from caltech_cli.images import UnlabelledImages, eval_transform, find_images
+from caltech_cli.images import UnlabelledImages, find_images
+from caltech_cli.loading import default_num_workers
+from caltech_cli.transforms import eval_transform
 
 CONFIG = REPO / "configs" / "transfer.yaml"
 # What `caltech predict --config configs/transfer.yaml` batches by.
@@ -43,10 +44,25 @@ BATCH_SIZE = yaml.safe_load(CONFIG.read_text())["data"]["init_args"]["batch_size
 
 
 def predict(ckpt: Path, folder: Path, work: Path, args, tta: bool = False) -> float:
-    return caltech("predict", "--config", str(CONFIG), "--ckpt_path", str(ckpt), "--data.predict_dir", str(folder),
-                   "--data.tta_flip", str(tta).lower(), "--trainer.logger", "false",
-                   "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(work),
-                   *device_options(args), cwd=work.parent).seconds
+    return caltech(
+        "predict",
+        "--config",
+        str(CONFIG),
+        "--ckpt_path",
+        str(ckpt),
+        "--data.predict_dir",
+        str(folder),
+        "--data.tta_flip",
+        str(tta).lower(),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(work),
+        *device_options(args),
+        cwd=work.parent,
+    ).seconds
 
 
 def plain(ckpt: Path, files: list[Path], args) -> float:
@@ -55,8 +71,9 @@ def plain(ckpt: Path, files: list[Path], args) -> float:
     model, pre = load_for_export(ckpt)
     model.to(device, memory_format=torch.channels_last)
     dataset = UnlabelledImages(files, eval_transform(pre), pre.crop_size, pre.resize_size)
-    loader = DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=default_num_workers(),
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset, batch_size=BATCH_SIZE, num_workers=default_num_workers(), pin_memory=device.type == "cuda"
+    )
     with torch.inference_mode(), autocast(device, precision):
         for _ in range(2):  # the first warms the page cache and the device; the second is timed
             start = time.perf_counter()
@@ -70,8 +87,22 @@ def plain(ckpt: Path, files: list[Path], args) -> float:
 def plain_program(ckpt: Path, folder: Path, args) -> float:
     """Seconds for the plain pass as a program of its own, start-up included."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--plain-only", "--ckpt", str(ckpt), "--folder", str(folder),
-                    "--accelerator", args.accelerator, "--precision", precision_of(args)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--plain-only",
+            "--ckpt",
+            str(ckpt),
+            "--folder",
+            str(folder),
+            "--accelerator",
+            args.accelerator,
+            "--precision",
+            precision_of(args),
+        ],
+        check=True,
+    )
     return time.perf_counter() - start
 
 
@@ -104,16 +135,24 @@ def main() -> None:
     steady_s = predict_s - startup_s
     tta_s = predict(args.ckpt, images, work / "tta", args, tta=True) - startup_s
     n = len(copied)
-    print(f"images: {n}, {len(os.sched_getaffinity(0))} CPU cores, {args.accelerator}, {precision_of(args)}, "
-          f"batch {BATCH_SIZE}, {default_num_workers()} workers, torch {torch.__version__}")
+    print(
+        f"images: {n}, {len(os.sched_getaffinity(0))} CPU cores, {args.accelerator}, {precision_of(args)}, "
+        f"batch {BATCH_SIZE}, {default_num_workers()} workers, torch {torch.__version__}"
+    )
     print(f"(a) plain forward pass, loop:        {plain_s:7.1f} s  {n / plain_s:6.1f} img/s")
     print(f"    plain, whole program:            {plain_whole_s:7.1f} s  {n / plain_whole_s:6.1f} img/s")
-    print(f"(b) caltech predict, whole command:  {predict_s:7.1f} s  {n / predict_s:6.1f} img/s"
-          f"  throughput vs whole plain program {plain_whole_s / predict_s:.2f}")
-    print(f"    less its start-up ({startup_s:.1f} s, one image): {steady_s:7.1f} s  {n / steady_s:6.1f} img/s"
-          f"  throughput vs plain loop {plain_s / steady_s:.2f}")
-    print(f"(c) with TTA (image + mirror), less start-up: {tta_s:7.1f} s  {n / tta_s:6.1f} img/s"
-          f"  throughput vs plain loop {plain_s / tta_s:.2f}, vs (b) {steady_s / tta_s:.2f}")
+    print(
+        f"(b) caltech predict, whole command:  {predict_s:7.1f} s  {n / predict_s:6.1f} img/s"
+        f"  throughput vs whole plain program {plain_whole_s / predict_s:.2f}"
+    )
+    print(
+        f"    less its start-up ({startup_s:.1f} s, one image): {steady_s:7.1f} s  {n / steady_s:6.1f} img/s"
+        f"  throughput vs plain loop {plain_s / steady_s:.2f}"
+    )
+    print(
+        f"(c) with TTA (image + mirror), less start-up: {tta_s:7.1f} s  {n / tta_s:6.1f} img/s"
+        f"  throughput vs plain loop {plain_s / tta_s:.2f}, vs (b) {steady_s / tta_s:.2f}"
+    )
     shutil.rmtree(work)
 
 

@@ -78,9 +78,23 @@ def main() -> None:
         ("  the same as caltech's entry point does it", entry_import),
         ("caltech fit --help", fastest(lambda: caltech("fit", "--help", cwd=work).seconds)),
     ]
-    common = ["--config", str(CONFIG), "--data.source", str(work / "images"), "--data.data_dir", str(work / "data"),
-              "--data.split", "[50, 25, 25]", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
-              "--trainer.default_root_dir", str(work / "runs"), *device_options(args)]
+    common = [
+        "--config",
+        str(CONFIG),
+        "--data.source",
+        str(work / "images"),
+        "--data.data_dir",
+        str(work / "data"),
+        "--data.split",
+        "[50, 25, 25]",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(work / "runs"),
+        *device_options(args),
+    ]
     runs = {}
     variants = [("caltech fit, 24 images, no logger", ["--trainer.logger", "false"])]
     if importlib.util.find_spec("wandb") is not None:
@@ -91,10 +105,24 @@ def main() -> None:
         runs[label] = caltech("fit", *common, *logger, cwd=work)
         os.environ.pop("WANDB_MODE") if env is None else os.environ.__setitem__("WANDB_MODE", env)
         rows.append((label, runs[label].seconds))
-    predict = [caltech("predict", "--config", str(CONFIG), "--ckpt_path", str(work / "runs" / "best.ckpt"),
-                       "--data.predict_dir", str(work / "one"), "--trainer.logger", "false",
-                       "--trainer.default_root_dir", str(work / "predict"), *device_options(args), cwd=work).seconds
-               for _ in range(args.repeat)]
+    predict = [
+        caltech(
+            "predict",
+            "--config",
+            str(CONFIG),
+            "--ckpt_path",
+            str(work / "runs" / "best.ckpt"),
+            "--data.predict_dir",
+            str(work / "one"),
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(work / "predict"),
+            *device_options(args),
+            cwd=work,
+        ).seconds
+        for _ in range(args.repeat)
+    ]
     rows.append(("caltech predict, one image", min(predict)))
 
     for label, seconds in rows:

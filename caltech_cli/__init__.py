@@ -7,7 +7,7 @@ the ``caltech`` command can set the interpreter up before torch and Lightning lo
 import importlib
 
 _EXPORTS = {
-    "BackboneUnfreeze": "caltech_cli.finetuning",
+    "BackboneUnfreeze": "caltech_cli.callbacks.finetuning",
     "Caltech101DataModule": "caltech_cli.data",
     "ImageClassificationDataModule": "caltech_cli.data",
     "ImageFolderDataModule": "caltech_cli.data",

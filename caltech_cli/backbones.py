@@ -28,7 +28,6 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,13 +36,12 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 from torchvision import models
-from torchvision.transforms import InterpolationMode
 
+from caltech_cli.checkpoints import read_state_dict
 from caltech_cli.errors import CaltechError
-from caltech_cli.sources import file_digest
+from caltech_cli.files import file_digest
+from caltech_cli.transforms import Preprocessing
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The smallest crop every torchvision classification CNN reduces to at least one pixel (stride 32).
 MIN_IMAGE_SIZE = 32
 
@@ -64,25 +62,6 @@ TIMM_PRETRAINED = ("pretrained", "DEFAULT")
 # The files timm keeps its weights in on the Hub, the one that cannot run code first.
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHTS_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin", ".safetensors"}
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images must be prepared for a backbone: the statistics its weights were trained with.
-
-    ``resize_size`` is the shorter side before the centre crop of ``crop_size`` (evaluation);
-    training crops ``crop_size`` directly at random scales.
-    """
-
-    crop_size: int = 224
-    resize_size: int = 256
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-
-    @property
-    def interpolation_mode(self) -> InterpolationMode:
-        return InterpolationMode(self.interpolation)
 
 
 @dataclass
@@ -121,9 +100,9 @@ def _timm_config(backbone: str) -> Any:
     """timm's pretrained config (``timm.models.PretrainedCfg``) of ``timm/<model>[.<tag>]`` (its
     default tag without one).
 
-    timm's types stay out of this module's annotations, even under ``TYPE_CHECKING``: jsonargparse
-    runs a module's ``TYPE_CHECKING`` imports when it reads a signature there (``Preprocessing``, an
-    option of the data modules), and importing timm costs every command most of a second.
+    timm's types stay out of this module's annotations, even under ``TYPE_CHECKING`` (which
+    jsonargparse runs in a module whose signatures it reads): importing timm costs a command most
+    of a second, and a torchvision backbone never needs it.
     """
     import timm  # here, not at the top: its imports cost seconds that torchvision backbones do not need
 
@@ -205,55 +184,6 @@ def preprocessing_for(backbone: str, weights: str | None, image_size: int | None
     return Preprocessing(image_size, resize, base.mean, base.std, base.interpolation)
 
 
-def load_safely(path: Path, what: str) -> Any:
-    """``torch.load`` that never runs code from the file (``weights_only``), with one clear error."""
-    if not path.is_file():
-        raise CaltechError(f"{what} {path} does not exist. Fix: check the path.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "GLOBAL" in str(error):  # the weights-only unpickler met a class or function to call
-            raise CaltechError(
-                f"refusing to load {what} {path}: unpickling it would run code or build objects that are not "
-                f"tensors ({_one_line(error)}). Nothing from it was run. Fix: load only files "
-                "from sources you trust, saved with torch.save of a state dict."
-            ) from error
-        raise _not_torch_file(what, path, error) from error
-    except Exception as error:  # torch raises several types for unreadable files
-        raise _not_torch_file(what, path, error) from error
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    detail = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
-    return f"{type(error).__name__}: {detail[:200]}"
-
-
-def _not_torch_file(what: str, path: Path, error: BaseException) -> CaltechError:
-    return CaltechError(
-        f"cannot read {what} {path}: it is not a file torch.save wrote, or it is damaged ({_one_line(error)}). "
-        "Fix: pass a file saved with torch.save."
-    )
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors" and path.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device="cpu")
-        except (SafetensorError, OSError) as error:
-            raise CaltechError(f"cannot read weights file {path}: {error}. Fix: pass a .safetensors file.") from error
-    state = load_safely(path, "weights file")
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise CaltechError(f"weights file {path} holds a {type(state).__name__}, not a state dict.")
-    return state
-
-
 def _offline_package_file(filename: str) -> Path | None:
     """The copy of ``filename`` that an installed offline-weights package ships, if any."""
     if filename not in OFFLINE_PACKAGES:
@@ -279,10 +209,10 @@ def _pretrained_state_dict(backbone: str, weights: str) -> dict[str, torch.Tenso
     filename = Path(urlparse(entry.url).path).name
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if cached.is_file():
-        return _read_state_dict(cached)
+        return read_state_dict(cached)
     packaged = _offline_package_file(filename)
     if packaged is not None:
-        return _read_state_dict(packaged)
+        return read_state_dict(packaged)
     try:
         return entry.get_state_dict(progress=True, check_hash=True)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad hash is a RuntimeError
@@ -384,7 +314,7 @@ def _resolve_timm(backbone: str, weights: str | None, image_size: int | None) ->
     state = None
     if weights is not None:
         path = Path(weights) if _looks_like_path(weights) else _timm_pretrained_file(backbone, config)
-        state = _read_state_dict(path)
+        state = read_state_dict(path)
     classifiers = (config.classifier,) if isinstance(config.classifier, str) else tuple(config.classifier or ())
     with_classifier = state is not None and bool(classifiers) and all(f"{c}.weight" in state for c in classifiers)
     num_classes = config.num_classes if with_classifier else 0
@@ -423,7 +353,7 @@ def resolve_backbone(backbone: str, weights: str | None, image_size: int | None 
     network = _build_network(backbone)
     if weights is not None:
         if _looks_like_path(weights):
-            state = _read_state_dict(Path(weights))
+            state = read_state_dict(Path(weights))
         else:
             state = _pretrained_state_dict(backbone, weights)
         try:

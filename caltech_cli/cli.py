@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from jsonargparse import Namespace
@@ -20,9 +19,9 @@ from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCL
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.optim import Optimizer
 
-# finetuning is imported for its callback alone: jsonargparse resolves a short class name
+# The callbacks package is imported whole: jsonargparse resolves a short class name
 # (`--trainer.callbacks+=BackboneUnfreeze`) and lists it in `--help` only once its module is loaded.
-from caltech_cli import compare, export, finetuning  # noqa: F401
+from caltech_cli import compare, export
 from caltech_cli.backbones import preprocessing_for
 from caltech_cli.callbacks import (
     BestAndLastCheckpoint,
@@ -32,9 +31,12 @@ from caltech_cli.callbacks import (
     WandbSaveConfig,
     WandbValidationSamples,
 )
+from caltech_cli.checkpoints import read_checkpoint
 from caltech_cli.data import ImageClassificationDataModule
-from caltech_cli.errors import CaltechError, writable_folder
-from caltech_cli.model import TransferClassifier, read_checkpoint
+from caltech_cli.errors import CaltechError
+from caltech_cli.files import writable_folder
+from caltech_cli.model import MODEL_OPTIONS, TransferClassifier
+from caltech_cli.parser import CaltechArgumentParser
 
 log = logging.getLogger(__name__)
 
@@ -43,74 +45,22 @@ log = logging.getLogger(__name__)
 NETWORK_OPTIONS = ("backbone", "weights", "freeze_backbone", "image_size", "channels_last")
 
 
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip())
-
-
-def _one_line(message: str) -> str:
-    """jsonargparse's error (often a dozen lines about Union subtypes) as one line: the option,
-    the value given and what it must be."""
-    if "compute_fn" in message and " failed: " in message:  # our own message, raised in a link
-        return message.split(" failed: ", 1)[1].strip()
-    keys: list[str] = []
-    lines = [line for line in message.splitlines() if line.strip()]
-    while lines:  # down to the innermost problem: Parser key "data" > class_path > Parser key "batch_size"
-        head = re.match(r'\s*(?:- )?Parser key "([^"]+)":\s*(.*)', lines[0])
-        if head and head[2].startswith("Parser key"):  # 'Parser key "optimizer.lr": Parser key "optimizer": ...'
-            lines[0] = head[2]
-            continue
-        if head:
-            keys.append(head[1])
-            if head[2]:  # 'Parser key "config": File does not exist: ...'
-                return f"--{'.'.join(keys)}: {head[2]}"
-            lines = lines[1:]
-            continue
-        nested = next((i for i, line in enumerate(lines) if "Problem with given class_path" in line), None)
-        if nested is None:
-            break
-        inner = lines[nested + 1 :]
-        end = next((i for i, line in enumerate(inner) if _indent(line) <= _indent(lines[nested])), len(inner))
-        lines = inner[:end]
-    block = "\n".join(lines)
-    option = f"--{'.'.join(keys)}"
-    unknown = re.search(r"Option '([^']+)' is not accepted", block)
-    if unknown:
-        return f"{option}.{unknown[1]} is not an option"
-    expected = re.findall(r"Expected an? (<class '[\w.]+'>|tuple with \d+ elements|dot import path)", block)
-    given = re.findall(r"(?:Given|Got) value: (.*)", block)
-    if not keys or not expected:  # a message of another shape: its first informative line
-        first = next((line.strip(" -") for line in lines if line.strip(" -")), message.strip())
-        return f"{option}: {first}" if keys else first
-    names = {"<class 'NoneType'>": "null", "dot import path": "a class path (module.Class)"}
-    wanted = [names.get(k, k.removeprefix("<class '").removesuffix("'>")) for k in expected]
-    if any(k not in names for k in expected):  # a value was wanted: "or a class path" only confuses
-        wanted = [w for w in wanted if w != names["dot import path"]]
-    value = f" {given[-1].strip()}" if given else ""
-    return f"{option}{value}: expected {' or '.join(dict.fromkeys(wanted))}"
-
-
 def _yaml(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-class CaltechArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser, whose errors are one ``caltech: error:`` line, not the 80 lines of
-    usage before them (``--help`` shows those)."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
-            super().error(message, ex)
-        line = _one_line(message)
-        if "Fix:" not in line:
-            prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
-            line += f". Fix: `{prog} --help` lists the options and their types."
-        print(f"caltech: error: {line}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def _preprocessing_fields(backbone: str, weights: str | None, image_size: int | None) -> dict:
     """The weights' preprocessing as plain fields, the form jsonargparse keeps dataclasses in."""
     return asdict(preprocessing_for(backbone, weights, image_size))
+
+
+def classes_found(data: ImageClassificationDataModule) -> list[str] | None:
+    return data.find_classes()
+
+
+def number_of_classes(data: ImageClassificationDataModule) -> int | None:
+    names = data.find_classes()
+    return None if names is None else len(names)
 
 
 class CaltechCLI(LightningCLI):
@@ -130,7 +80,7 @@ class CaltechCLI(LightningCLI):
                 "checkpoint.filename": "best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
                 "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4}},
-                "data": {"class_path": "caltech_cli.data.Caltech101DataModule"},
+                "data": {"class_path": "caltech_cli.Caltech101DataModule"},
             }
         )
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -143,8 +93,9 @@ class CaltechCLI(LightningCLI):
             compute_fn=_preprocessing_fields,
             apply_on="parse",
         )
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        # The data module finds its classes (fetching the data first where needed) when the model is built.
+        parser.link_arguments("data", "model.num_classes", compute_fn=number_of_classes, apply_on="instantiate")
+        parser.link_arguments("data", "model.class_names", compute_fn=classes_found, apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer; on a CUDA device float32 matrix products may use TensorFloat-32, which
@@ -170,7 +121,7 @@ class CaltechCLI(LightningCLI):
         if isinstance(lr, (int, float)) and lr < 0:
             raise CaltechError(f"optimizer.lr {lr} is negative. Fix: pass a positive --optimizer.lr, like 0.001.")
         if config.get("ckpt_path"):
-            self.checkpoint_options = read_checkpoint(Path(config.ckpt_path))["hyper_parameters"]
+            self.checkpoint_options = read_checkpoint(Path(config.ckpt_path), MODEL_OPTIONS)["hyper_parameters"]
             self._say_which_options_win(config.model, self.checkpoint_options)
 
     @staticmethod

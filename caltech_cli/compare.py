@@ -15,22 +15,26 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from caltech_cli.callbacks import HISTORY, read_history as read_history_file  # noqa: E402
-from caltech_cli.errors import CaltechError, writable_folder  # noqa: E402
-from caltech_cli.report import printable, text_cell  # noqa: E402
+from caltech_cli.errors import CaltechError
+from caltech_cli.files import writable_folder
+from caltech_cli.history import HISTORY, read_history
+from caltech_cli.text import printable, text_cell
 
 # Top-1 and mean per-class accuracy side by side: Caltech-101 is imbalanced, and papers report the latter.
 VAL_COLUMNS = ["val/acc", "val/acc_macro"]
 TEST_COLUMNS = ["test/acc", "test/acc_top5", "test/acc_macro", "test/loss"]
 
 
-def read_history(run: Path) -> list[dict[str, float]]:
+def run_history(run: Path) -> list[dict[str, float]]:
+    """The epochs of a run's latest fit."""
     path = run / HISTORY
     if not path.is_file():
-        raise CaltechError(f"{path} does not exist. Fix: pass the trainer.default_root_dir of a finished `caltech fit`.")
-    return read_history_file(path)
+        raise CaltechError(
+            f"{path} does not exist. Fix: pass the trainer.default_root_dir of a finished `caltech fit`."
+        )
+    return read_history(path)
 
 
 def read_test_metrics(run: Path) -> dict[str, float]:
@@ -49,7 +53,7 @@ def read_test_metrics(run: Path) -> dict[str, float]:
 
 def compare(runs: list[Path], output: Path) -> list[Path]:
     """Draw val/acc and val/loss per epoch of each run, and tabulate their test metrics."""
-    histories = {run: read_history(run) for run in runs}
+    histories = {run: run_history(run) for run in runs}
     names = {run: printable(run.name or str(run)) for run in runs}
     writable_folder(output, "output")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -86,11 +90,16 @@ def compare(runs: list[Path], output: Path) -> list[Path]:
 
 
 def main(args: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="caltech compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="caltech compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (trainer.default_root_dir of each run)")
-    parser.add_argument("--output", type=Path, default=Path("comparison"),
-                        help="folder for comparison.png, comparison.md and comparison.csv (default: comparison)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("comparison"),
+        help="folder for comparison.png, comparison.md and comparison.csv (default: comparison)",
+    )
     options = parser.parse_args(args)
     written = compare(options.runs, options.output)
     print("\n".join(["Wrote " + ", ".join(str(p) for p in written), "", written[1].read_text()]))

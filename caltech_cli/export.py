@@ -20,9 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from caltech_cli.backbones import Preprocessing, preprocessing_for
-from caltech_cli.errors import CaltechError, writable_file
-from caltech_cli.model import TransferClassifier, read_checkpoint
+from caltech_cli.backbones import preprocessing_for
+from caltech_cli.checkpoints import read_checkpoint
+from caltech_cli.errors import CaltechError
+from caltech_cli.files import writable_file
+from caltech_cli.model import MODEL_OPTIONS, TransferClassifier
+from caltech_cli.transforms import Preprocessing
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 METADATA_FILE = "caltech.json"  # the TorchScript extra file
@@ -48,7 +51,7 @@ def load_for_export(ckpt_path: Path) -> tuple[TransferClassifier, Preprocessing]
     The backbone is built without its pretrained weights (the checkpoint holds all of them), so
     exporting needs no download.
     """
-    checkpoint = read_checkpoint(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path, MODEL_OPTIONS)
     saved = checkpoint["hyper_parameters"]
     model = TransferClassifier(
         backbone=saved["backbone"],
@@ -75,8 +78,8 @@ def metadata(model: TransferClassifier, preprocessing: Preprocessing, ckpt_path:
         "class_names": model.class_names,
         "preprocessing": asdict(preprocessing),
         "input": f"images: float32 RGB in [0, 1], shape (N, 3, {size}, {size}): resize the shorter side to "
-                 f"{preprocessing.resize_size} ({preprocessing.interpolation}), centre-crop {size}; normalisation "
-                 "is inside the model",
+        f"{preprocessing.resize_size} ({preprocessing.interpolation}), centre-crop {size}; normalisation "
+        "is inside the model",
         "output": f"probabilities: float32, shape (N, {len(model.class_names or [])}), columns in class_names order",
         "backbone": model.hparams["backbone"],
         "checkpoint": str(ckpt_path),
@@ -98,8 +101,13 @@ def _export_onnx(network: nn.Module, example: torch.Tensor, output: Path, info: 
 
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
-        network, (example,), input_names=["images"], output_names=["probabilities"],
-        dynamic_shapes={"images": {0: batch}}, dynamo=True, verbose=False,
+        network,
+        (example,),
+        input_names=["images"],
+        output_names=["probabilities"],
+        dynamic_shapes={"images": {0: batch}},
+        dynamo=True,
+        verbose=False,
     )
     program.optimize()
     program.save(str(output))
@@ -157,14 +165,19 @@ def export(ckpt_path: Path, format: str = "onnx", output: Path | None = None) ->
 
 
 def main(args: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="caltech export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="caltech export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ckpt_path", type=Path, required=True, help="a checkpoint written by `caltech fit`")
     parser.add_argument("--format", choices=sorted(FORMATS), default="onnx", help="onnx (default) or torchscript")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="the file to write (default: the checkpoint's path with .onnx or .pt)")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="the file to write (default: the checkpoint's path with .onnx or .pt)"
+    )
     options = parser.parse_args(args)
     path, difference = export(options.ckpt_path, options.format, options.output)
-    check = ("not checked against PyTorch (onnxruntime is not installed)" if difference is None
-             else f"largest difference from PyTorch's probabilities on 3 random images: {difference:.2e}")
+    check = (
+        "not checked against PyTorch (onnxruntime is not installed)"
+        if difference is None
+        else f"largest difference from PyTorch's probabilities on 3 random images: {difference:.2e}"
+    )
     print(f"Wrote {path} and {path.with_suffix('.json')}\n{check}")

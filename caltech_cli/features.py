@@ -5,9 +5,10 @@ it gives the same answer in every epoch. The cache computes it once and the head
 stored features, so a fit costs about one pass over the images however many epochs it runs,
 and later fits, tests and validations with the same backbone cost almost nothing.
 
-The backbone pass runs where the trainer put the model and in its precision (the data module
-calls it from its loader hooks, after Lightning has placed the model), with pinned memory and as
-many loader workers as the data module has: on a GPU it is a decoding pipeline feeding the device.
+The backbone pass runs where the trainer put the model and in its precision: the data module
+hands in the model's extractor, its device and its precision from its loader hooks, after
+Lightning has placed the model. It runs with pinned memory and as many loader workers as the data
+module has: on a GPU it is a decoding pipeline feeding the device.
 
 A cache file is keyed by everything that changes its numbers: the backbone's weights (hashed),
 the preprocessing and transform, the precision, the number of augmented views, and the image files themselves
@@ -25,8 +26,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,19 +35,14 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm import tqdm
 
-from caltech_cli.backbones import Preprocessing
-from caltech_cli.errors import folder_lock
+from caltech_cli.devices import Extractor, full_batch, warm_up
+from caltech_cli.files import folder_lock
 from caltech_cli.images import LabelledImages
+from caltech_cli.loading import loader_workers
+from caltech_cli.transforms import Preprocessing, eval_transform, flipped_eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-# Images per forward pass of a backbone that does not train, on a CPU. MobileNetV2's largest
-# activation is about 5 MB an image at 224 pixels, so small channels-last batches keep them in the
-# last-level cache: on a 2-core EPYC (32 MB L3) 4 images a pass ran 2.1-2.2x as fast as 16 and
-# 1.3-1.4x as fast as 8 (16 is 1.8x as fast as 64); with decoding in 2 loader workers, the feature
-# pass ran 1.5x as fast at 4 as at 16, and slower at 2 (benchmarks/fit.py's floor).
-CPU_BATCH = 4
-Extractor = Callable[[torch.Tensor], torch.Tensor]
 
 
 def weights_fingerprint(module: nn.Module) -> str:
@@ -107,8 +103,9 @@ def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, 
 
 
 @dataclass
-class Split:
-    """One split's images to cache: with ``views`` > 1, that many augmented views of each."""
+class CachedSplit:
+    """What the cache holds for one split's images: with ``views`` > 1, that many augmented views
+    of each; ``name`` names its file (``train``, ``val_flip``)."""
 
     name: str
     dataset: LabelledImages  # with the transform whose output is cached
@@ -116,29 +113,14 @@ class Split:
     views: int = 1
 
 
-def warm_up(extract: Extractor, device: torch.device, batch_size: int, crop_size: int) -> None:
-    """On a GPU, one forward pass of a blank batch of the pass's shape while the loader workers
-    decode the first real batches. The first batch of each new shape costs the device seconds of
-    set-up (measured on an H200, torch 2.11: about 1.7 s for MobileNetV2 in bf16, where a warm
-    batch takes 5 ms); this way it overlaps the decoding instead of following it."""
-    if device.type == "cuda":
-        with torch.inference_mode():
-            extract(torch.zeros(batch_size, 3, crop_size, crop_size, device=device))
-
-
-def full_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """A short last batch padded with blank images to ``batch_size`` on a GPU, so the whole pass
-    keeps one shape and pays the device's set-up once (see ``warm_up``); callers drop the extra
-    rows. On a CPU a new shape costs nothing, and the batch stays as it is."""
-    missing = batch_size - len(images)
-    if images.device.type != "cuda" or missing <= 0:
-        return images
-    return torch.cat([images, images.new_zeros(missing, *images.shape[1:])])
-
-
 def compute_features(
-    extract: Extractor, device: torch.device, datasets: Sequence[Dataset], batch_size: int, num_workers: int,
-    crop_size: int, desc: str,
+    extract: Extractor,
+    device: torch.device,
+    datasets: Sequence[Dataset],
+    batch_size: int,
+    num_workers: int,
+    crop_size: int,
+    desc: str,
 ) -> list[torch.Tensor]:
     """Run ``extract`` over the datasets, one after the other through one loader (its workers
     start once, and keep decoding across the seams); returns each one's (len, width) on the CPU.
@@ -159,7 +141,7 @@ def compute_features(
     return list(features.split([len(dataset) for dataset in datasets]))
 
 
-def _key(split: Split, backbone: str, preprocessing: Preprocessing, precision: str) -> dict:
+def _key(split: CachedSplit, backbone: str, preprocessing: Preprocessing, precision: str) -> dict:
     return {
         "version": FORMAT_VERSION,
         "backbone": backbone,
@@ -199,27 +181,29 @@ def _load_cache(path: Path, key: dict, dataset: LabelledImages, views: int, name
     return CachedFeatures(features, labels)
 
 
+@dataclass(frozen=True)
+class Extraction:
+    """How the backbone pass runs: ``extract`` maps an image batch to features where and how the
+    trainer runs the model (its device, memory format and precision context); ``backbone`` is what
+    it runs, hashed for the key, and its device is where the pass runs; ``precision`` names the
+    trainer's precision for the key."""
+
+    extract: Extractor
+    backbone: nn.Module
+    precision: str
+    batch_size: int
+    num_workers: int
+
+
 def cached_features(
-    extract: Extractor,
-    backbone: nn.Module,
-    splits: Sequence[Split],
-    folder: Path,
-    preprocessing: Preprocessing,
-    precision: str,
-    batch_size: int,
-    num_workers: int,
+    extraction: Extraction, splits: Sequence[CachedSplit], folder: Path, preprocessing: Preprocessing
 ) -> dict[str, CachedFeatures]:
     """Load the features of the splits from ``folder``; those not there yet are computed in one
-    backbone pass (all their images through one loader) and stored.
-
-    ``extract`` maps an image batch to features (the model's own ``features`` in the trainer's
-    precision context, so memory format and precision match training); ``backbone`` is what it
-    runs, hashed for the key, and its device is where the pass runs.
-    """
-    fingerprint = weights_fingerprint(backbone)
+    backbone pass (all their images through one loader) and stored."""
+    fingerprint = weights_fingerprint(extraction.backbone)
     paths = {}
     for split in splits:
-        key = _key(split, fingerprint, preprocessing, precision)
+        key = _key(split, fingerprint, preprocessing, extraction.precision)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         paths[split.name] = (folder / f"{split.name}-{digest}.pt", key)
     folder.mkdir(parents=True, exist_ok=True)
@@ -236,13 +220,23 @@ def cached_features(
                 found[split.name] = cached
         if not missing:
             return found
-        device = next(backbone.parameters()).device
+        device = next(extraction.backbone.parameters()).device
         names = " and ".join(split.name for split in missing)
+        # No more workers than the splits asked for (those found on disk too) have batches.
+        asked = sum(split.views * len(split.dataset) for split in splits)
+        workers = loader_workers(extraction.num_workers, asked, extraction.batch_size)
         start = time.perf_counter()
-        computed = iter(compute_features(
-            extract, device, [split.dataset for split in missing for _ in range(split.views)], batch_size, num_workers,
-            preprocessing.crop_size, f"Features of {names} images",
-        ))
+        computed = iter(
+            compute_features(
+                extraction.extract,
+                device,
+                [split.dataset for split in missing for _ in range(split.views)],
+                extraction.batch_size,
+                workers,
+                preprocessing.crop_size,
+                f"Features of {names} images",
+            )
+        )
         seconds = time.perf_counter() - start
         images = sum(split.views * len(split.dataset) for split in missing)
         for split in missing:
@@ -255,6 +249,62 @@ def cached_features(
             found[split.name] = CachedFeatures(features, labels)
         log.info(
             "Cached %s features of %d images in %s (%.1f s on %s, %.0f images/s)",
-            names, images, folder, seconds, device, images / seconds,
+            names,
+            images,
+            folder,
+            seconds,
+            device,
+            images / seconds,
         )
     return found
+
+
+@dataclass
+class FeatureCache:
+    """The features a data module's loaders give for a frozen backbone, split by split.
+
+    What the cache holds for a split: the evaluation transform's view, or for training with
+    ``cache_views`` that many augmented views; with test-time augmentation also the mirror
+    images' view, as a split of its own (``<split>_flip``), so single-view runs share the first.
+    Loaded features stay in memory for the process, keyed by split and whether it is evaluated on
+    both views (``tta``).
+    """
+
+    folder: Path
+    preprocessing: Preprocessing
+    crop_scale: tuple[float, float]
+    cache_views: int
+    loaded: dict[tuple[str, bool], CachedFeatures] = field(default_factory=dict)
+
+    def get(self, split: str, tta: bool) -> CachedFeatures | None:
+        return self.loaded.get((split, tta))
+
+    def load(self, splits: Mapping[str, tuple[LabelledImages, bool]], extraction: Extraction) -> None:
+        """Load or compute the features of ``splits`` (name -> its images, and whether it is
+        evaluated with test-time augmentation) that are not loaded yet, in one backbone pass."""
+        wanted = {name: part for name, part in splits.items() if (name, part[1]) not in self.loaded}
+        if not wanted:
+            return
+        cached = [split for name, (images, tta) in wanted.items() for split in self._to_cache(name, images, tta)]
+        found = cached_features(extraction, cached, self.folder, self.preprocessing)
+        for name, (_, tta) in wanted.items():
+            if tta:
+                views = torch.cat([found[name].features, found[f"{name}_flip"].features])
+                self.loaded[name, tta] = CachedFeatures(views, found[name].labels, all_views=True)
+            else:
+                self.loaded[name, tta] = found[name]
+
+    def _to_cache(self, name: str, images: LabelledImages, tta: bool) -> list[CachedSplit]:
+        pre = self.preprocessing
+        if name == "train" and self.cache_views > 0:
+            transform = train_transform(pre, self.crop_scale)
+            return [
+                CachedSplit(
+                    name, replace(images, transform=transform), f"train{list(self.crop_scale)}", self.cache_views
+                )
+            ]
+        splits = [CachedSplit(name, replace(images, transform=eval_transform(pre)), "eval")]
+        if tta:
+            flipped = replace(images, transform=flipped_eval_transform(pre))
+            splits.append(CachedSplit(f"{name}_flip", flipped, "eval-hflip"))
+        return splits

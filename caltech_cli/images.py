@@ -1,4 +1,4 @@
-"""Images on disk to tensors: finding them, opening them as RGB, splitting, transforming.
+"""Image files to tensors: judging them, decoding them as upright RGB, and the datasets that do it.
 
 Pure functions and small datasets; the data module composes them.
 """
@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import random
 import struct
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
-from caltech_cli.backbones import Preprocessing
 from caltech_cli.errors import CaltechError
 
 log = logging.getLogger(__name__)
@@ -117,83 +113,20 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def apportion(total: int, weights: Sequence[float]) -> list[int]:
-    """Split ``total`` into integers proportional to ``weights`` that add up exactly (largest remainder)."""
-    if len(weights) == 0 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"split weights must be non-negative with a positive sum, got {list(weights)}")
-    exact = [total * w / sum(weights) for w in weights]
-    counts = [int(x) for x in exact]
-    by_remainder = sorted(range(len(weights)), key=lambda i: exact[i] - counts[i], reverse=True)
-    for i in by_remainder[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def stratified_split(labels: Sequence[int], weights: Sequence[float], seed: int) -> list[list[int]]:
-    """Indices of ``labels`` split in the proportions ``weights``, stratified by label.
-
-    Within each class the items are shuffled with ``seed`` and spread evenly over [0, 1); the
-    whole set is then ordered by that position and cut at the exact split sizes. Each class thus
-    lands in every split in (nearly) the split's proportion, the totals are exact, and the result
-    depends only on the labels' order and the seed: the same on every run and every process.
-    """
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = defaultdict(list)
-    for index, label in enumerate(labels):
-        by_class[label].append(index)
-    keyed = []
-    for label in sorted(by_class):
-        members = by_class[label]
-        rng.shuffle(members)
-        keyed += [((rank + 0.5) / len(members), rng.random(), index) for rank, index in enumerate(members)]
-    order = [index for _, _, index in sorted(keyed)]
-    splits, start = [], 0
-    for count in apportion(len(labels), weights):
-        splits.append(sorted(order[start : start + count]))
-        start += count
-    return splits
-
-
-def train_transform(pre: Preprocessing, crop_scale: tuple[float, float]) -> Callable:
-    """Augmenting transform: random resized crop and horizontal flip, then the weights' normalization."""
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(pre.crop_size, scale=crop_scale, interpolation=pre.interpolation_mode),
-            v2.RandomHorizontalFlip(),
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(pre.mean, pre.std),
-        ]
-    )
-
-
-def eval_transform(pre: Preprocessing) -> Callable:
-    """Deterministic transform: resize the shorter side, centre crop, normalize."""
-    return v2.Compose(
-        [
-            v2.Resize(pre.resize_size, interpolation=pre.interpolation_mode),
-            v2.CenterCrop(pre.crop_size),
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(pre.mean, pre.std),
-        ]
-    )
-
-
-def flipped_eval_transform(pre: Preprocessing) -> Callable:
-    """The evaluation transform of the mirror image: the second view of test-time augmentation."""
-    return v2.Compose([v2.RandomHorizontalFlip(p=1.0), eval_transform(pre)])
-
-
-@dataclass
-class Views:
-    """Several transforms of one image, stacked (views, 3, H, W); the model averages its
-    probabilities over the views (test-time augmentation)."""
-
-    transforms: Sequence[Callable]
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return torch.stack([transform(image) for transform in self.transforms])
+def images_to_predict(predict_dir: str | None) -> list[Path]:
+    """The image files ``predict`` runs on (``data.predict_dir``), refused in one line when there are none."""
+    if predict_dir is None:
+        raise CaltechError("predict needs images. Fix: pass --data.predict_dir <folder or image>.")
+    folder = Path(predict_dir)
+    if not folder.exists():
+        raise CaltechError(f"data.predict_dir {folder} does not exist. Fix: pass a folder of images or one image.")
+    files = find_images(folder)
+    if not files:
+        raise CaltechError(
+            f"data.predict_dir {folder} holds no image files. Fix: pass a folder with images in it (searched "
+            "recursively, by extension), or one image."
+        )
+    return files
 
 
 @dataclass
@@ -250,8 +183,11 @@ class LabelledImages(Dataset):
                     "--data.skip_bad_images true to skip such files."
                 ) from error
             if not self.failed[index]:
-                log.warning("Skipping %s, which cannot be read (%s); the next image of its class takes its place",
-                            self.files[index], error)
+                log.warning(
+                    "Skipping %s, which cannot be read (%s); the next image of its class takes its place",
+                    self.files[index],
+                    error,
+                )
             self.failed[index] = 1
             return None
 

@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -78,9 +79,7 @@ class WandbLogger(LightningWandbLogger):
             reason = offline_reason()
             offline = reason is not None
             if reason:
-                rank_zero_info(
-                    f"W&B: {reason}; logging offline to {save_dir}/wandb, upload later with `wandb sync`."
-                )
+                rank_zero_info(f"W&B: {reason}; logging offline to {save_dir}/wandb, upload later with `wandb sync`.")
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(
             project=project,
@@ -91,3 +90,8 @@ class WandbLogger(LightningWandbLogger):
             entity=entity,
             tags=tags,
         )
+
+
+def wandb_loggers(trainer: pl.Trainer) -> list[LightningWandbLogger]:
+    """The trainer's W&B loggers (ours or Lightning's own), which the callbacks send their pictures to."""
+    return [logger for logger in trainer.loggers if isinstance(logger, LightningWandbLogger)]

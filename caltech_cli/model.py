@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -13,11 +12,11 @@ import torch.nn.functional as F
 from pytorch_lightning import LightningModule
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
-from caltech_cli.backbones import load_safely, resolve_backbone
+from caltech_cli.backbones import resolve_backbone
+from caltech_cli.devices import CPU_BATCH, full_batch, warm_up
 from caltech_cli.errors import CaltechError
-from caltech_cli.features import CPU_BATCH, full_batch, warm_up
+from caltech_cli.metrics import inverse_frequency, stage_metrics
 
 
 class TransferClassifier(LightningModule):
@@ -25,6 +24,8 @@ class TransferClassifier(LightningModule):
 
     The head maps the backbone's pooled features (512 for resnet18, 1280 for mobilenet_v2) to
     the classes; the backbone's own ImageNet classifier is removed, not stacked under the head.
+    (The class runs past 250 lines for its ``Args``, the model options' ``--help``, and Lightning's
+    hooks of each stage.)
 
     Args:
         backbone: Any torchvision classification model name (``torchvision.models.list_models()``),
@@ -90,7 +91,10 @@ class TransferClassifier(LightningModule):
         self.head: nn.Linear | None = None
         if class_names is not None:
             if num_classes is not None and num_classes != len(class_names):
-                raise CaltechError(f"model.num_classes {num_classes} differs from the {len(class_names)} class_names.")
+                raise CaltechError(
+                    f"model.num_classes {num_classes} differs from the {len(class_names)} class_names. "
+                    "Fix: leave model.num_classes out: it follows from the class names."
+                )
             self.set_classes(class_names)
         elif num_classes is not None:
             self.set_classes([str(i) for i in range(num_classes)])
@@ -102,22 +106,8 @@ class TransferClassifier(LightningModule):
         self.hparams["class_names"] = self.class_names
         self.hparams["num_classes"] = num_classes
         self.head = nn.Linear(self.num_features, num_classes)
-
-        def accuracy(**kwargs: Any) -> MulticlassAccuracy:
-            return MulticlassAccuracy(num_classes=num_classes, **kwargs)
-
-        self.train_metrics = MetricCollection({"acc": accuracy(average="micro")}, prefix="train/")
-        self.val_metrics = MetricCollection(
-            {"acc": accuracy(average="micro"), "acc_macro": accuracy(average="macro")}, prefix="val/"
-        )
-        self.test_metrics = MetricCollection(
-            {
-                "acc": accuracy(average="micro"),
-                "acc_top5": accuracy(average="micro", top_k=min(5, num_classes)),
-                "acc_macro": accuracy(average="macro"),
-            },
-            prefix="test/",
-        )
+        metrics = stage_metrics(num_classes)
+        self.train_metrics, self.val_metrics, self.test_metrics = metrics["train"], metrics["val"], metrics["test"]
 
     def train(self, mode: bool = True) -> TransferClassifier:
         """Switch modes, but keep frozen parts of the backbone in eval mode (their BatchNorm
@@ -193,8 +183,15 @@ class TransferClassifier(LightningModule):
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
         metrics.update(logits, labels)
         if stage != "train":
-            self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels),
-                     sync_dist=True)
+            self.log(
+                f"{stage}/loss",
+                loss,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=True,
+                batch_size=len(labels),
+                sync_dist=True,
+            )
             self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(labels))
         return loss, logits
 
@@ -224,8 +221,15 @@ class TransferClassifier(LightningModule):
         """Log the training loss (its mean over the epoch's images) and metrics of the epoch so far."""
         if not self._train_images:
             return
-        self.log("train/loss", self._train_loss_sum / self._train_images, on_step=False, on_epoch=True,
-                 prog_bar=True, batch_size=self._train_images, sync_dist=True)
+        self.log(
+            "train/loss",
+            self._train_loss_sum / self._train_images,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=self._train_images,
+            sync_dist=True,
+        )
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, prog_bar=True)
         self._train_loss_sum, self._train_images = None, 0
 
@@ -280,8 +284,8 @@ class TransferClassifier(LightningModule):
         model has none. ``caltech`` calls it as soon as the data is known, before any image is read."""
         if saved.get("backbone", self.hparams["backbone"]) != self.hparams["backbone"]:
             raise CaltechError(
-                f"the checkpoint holds a {saved['backbone']} model, not {self.hparams['backbone']}. "
-                f"Fix: pass --model.backbone {saved['backbone']}, or the checkpoint of a {self.hparams['backbone']} run."
+                f"the checkpoint holds a {saved['backbone']} model, not {self.hparams['backbone']}. Fix: pass "
+                f"--model.backbone {saved['backbone']}, or the checkpoint of a {self.hparams['backbone']} run."
             )
         names = saved.get("class_names")
         if names is None:
@@ -296,42 +300,5 @@ class TransferClassifier(LightningModule):
             )
 
 
-# What Lightning adds to the saved hyper-parameters besides the model's options; never used here.
-LIGHTNING_KEYS = {"_instantiator"}
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint that ``caltech fit`` wrote, loaded without running code from it (``weights_only``).
-
-    Anything else is refused in one line that says what it is: a plain state dict (which
-    ``--model.weights`` takes), another program's checkpoint, or saved options this model does
-    not have (a checkpoint asking for a ``_class_path`` to import, say).
-    """
-    checkpoint = load_safely(path, "checkpoint")
-    fix = "Fix: pass a .ckpt written by `caltech fit` (<trainer.default_root_dir>/best.ckpt)"
-    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise CaltechError(
-            f"{path} is not a checkpoint of a caltech model: it is a plain state dict (weights only, without "
-            f"class names or model options). {fix}; to start training from these weights use --model.weights {path}."
-        )
-    saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(saved, dict) or not isinstance(checkpoint.get("state_dict"), dict) or not (
-        isinstance(saved.get("backbone"), str) and isinstance(saved.get("class_names"), list)
-    ):
-        kind = type(checkpoint).__name__ if not isinstance(checkpoint, dict) else "dict without caltech's model options"
-        raise CaltechError(f"{path} is not a checkpoint of a caltech model (it holds a {kind}). {fix}.")
-    unknown = sorted(set(saved) - set(inspect.signature(TransferClassifier).parameters) - LIGHTNING_KEYS)
-    if unknown:
-        raise CaltechError(
-            f"{path} saves model options that caltech's model does not have ({', '.join(map(str, unknown))}): "
-            f"another program wrote it, or it was altered. {fix}."
-        )
-    return checkpoint
-
-
-def inverse_frequency(counts: torch.Tensor, power: float) -> torch.Tensor:
-    """Per-class loss weights ``(images / (classes * count)) ** power``: 1 for every class of a
-    balanced set; a class without training images gets weight 0 (it has no loss to weigh)."""
-    counts = counts.float()
-    weights = (counts.sum() / (len(counts) * counts.clamp(min=1))) ** power
-    return torch.where(counts > 0, weights, torch.zeros_like(weights))
+# The options a checkpoint may save: the model's own (``checkpoints.read_checkpoint`` refuses others).
+MODEL_OPTIONS = frozenset(inspect.signature(TransferClassifier).parameters)

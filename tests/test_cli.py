@@ -1,18 +1,34 @@
-"""The ``caltech`` command end to end, in subprocesses, on small generated images."""
+"""The caltech command end to end: fit, test, predict, options, where a run's files go."""
 
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
-from conftest import CLASSES, REAL_ARCHIVE, SCRATCH, TRANSFER, run_caltech, small_run
+import torch
 from PIL import Image
 
+from caltech_cli import cli
 from caltech_cli.cli import make_cli
+
+from conftest import (
+    CLASSES,
+    REAL_ARCHIVE,
+    SCRATCH,
+    TRANSFER,
+    caltech,
+    one_error,
+    options,
+    predicting,
+    run_caltech,
+    small_run,
+)
 
 
 def metric(output: str, name: str) -> float:
@@ -21,6 +37,7 @@ def metric(output: str, name: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.e2e
 def test_fit_then_test(trained_run):
     fit, test = trained_run.fit, trained_run.test
     assert trained_run.best.is_symlink() and trained_run.best.resolve().is_file()
@@ -36,6 +53,7 @@ def test_fit_then_test(trained_run):
         metric(test.stdout, name)
 
 
+@pytest.mark.e2e
 def test_predict_needs_only_the_checkpoint(trained_run, tmp_path):
     photos = tmp_path / "photos"
     (photos / "nested").mkdir(parents=True)
@@ -44,9 +62,19 @@ def test_predict_needs_only_the_checkpoint(trained_run, tmp_path):
         shutil.copy(folder / kind / "image_0001.jpg", photos / f"{kind}.jpg")
     Image.open(folder / "stripes" / "image_0002.jpg").save(photos / "nested" / "stripes.png")
     predict = run_caltech(
-        "predict", "--config", TRANSFER, "--ckpt_path", str(trained_run.best),
-        "--data.predict_dir", str(photos), "--data.source", str(tmp_path / "no-training-data-here"),
-        "--trainer.default_root_dir", str(tmp_path / "out"), "--trainer.logger", "false",
+        "predict",
+        "--config",
+        TRANSFER,
+        "--ckpt_path",
+        str(trained_run.best),
+        "--data.predict_dir",
+        str(photos),
+        "--data.source",
+        str(tmp_path / "no-training-data-here"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "out"),
+        "--trainer.logger",
+        "false",
         cwd=tmp_path,
     )
     assert predict.returncode == 0, predict.stderr[-3000:]
@@ -69,38 +97,169 @@ def test_head_is_in_the_optimizer_when_data_is_fetched_at_start(tar_archive, tmp
     assert id(cli.model.head.weight) in params
 
 
+@pytest.mark.e2e
 def test_scratch_config_is_valid(tmp_path):
     result = run_caltech("fit", "--config", SCRATCH, "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "weights: null" in result.stdout and "freeze_backbone: false" in result.stdout
 
 
+@pytest.mark.e2e
 def test_missing_data_is_one_clear_error(tmp_path):
-    result = run_caltech("fit", "--config", TRANSFER, "--data.source", str(tmp_path / "nothing.tar.gz"),
-                         "--trainer.logger", "false", cwd=tmp_path)
+    result = run_caltech(
+        "fit",
+        "--config",
+        TRANSFER,
+        "--data.source",
+        str(tmp_path / "nothing.tar.gz"),
+        "--trainer.logger",
+        "false",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert "caltech: error: data.source" in result.stderr and "nothing.tar.gz does not exist" in result.stderr
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_python_dash_m_works(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "caltech_cli", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "caltech_cli", "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == 0 and "fit" in result.stdout and "predict" in result.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.real_data
 @pytest.mark.skipif(not REAL_ARCHIVE.is_file(), reason="the real Caltech-101 archive is not here")
 def test_real_archive_few_classes(tmp_path):
     """Transfer learning on three real Caltech-101 classes, from the real archive."""
     classes = "[airplanes, Motorbikes, Faces_easy]"
     options = [
-        "--config", TRANSFER, "--data.source", str(REAL_ARCHIVE), "--data.data_dir", str(tmp_path / "data"),
-        "--data.classes", classes, "--data.split", "[60, 20, 20]", "--model.image_size", "128",
-        "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger", "false",
-        "--trainer.limit_train_batches", "10",
+        "--config",
+        TRANSFER,
+        "--data.source",
+        str(REAL_ARCHIVE),
+        "--data.data_dir",
+        str(tmp_path / "data"),
+        "--data.classes",
+        classes,
+        "--data.split",
+        "[60, 20, 20]",
+        "--model.image_size",
+        "128",
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+        "--trainer.logger",
+        "false",
+        "--trainer.limit_train_batches",
+        "10",
     ]
     fit = run_caltech("fit", *options, "--trainer.max_epochs", "1", cwd=tmp_path, timeout=900)
     assert fit.returncode == 0, fit.stderr[-3000:]
     test = run_caltech("test", *options, "--ckpt_path", str(tmp_path / "runs" / "best.ckpt"), cwd=tmp_path, timeout=900)
     assert test.returncode == 0, test.stderr[-3000:]
     assert metric(test.stdout, "test/acc") >= 0.9
+
+
+def test_no_advice_that_is_wrong_for_this_tool(image_folder, tmp_path, monkeypatch, caplog):
+    """On a machine with many cores Lightning advises more workers for every loader with fewer
+    than two, also for cached features that are already in memory; and it advertises other
+    products. A fit with the cache says neither."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit",
+        "--config",
+        cli.__file__.replace("caltech_cli/cli.py", "configs/transfer.yaml"),
+        "--data.source",
+        str(image_folder),
+        "--data.data_dir",
+        str(tmp_path / "data"),
+        "--data.split",
+        "[50, 25, 25]",
+        "--data.num_workers",
+        "2",
+        "--model.image_size",
+        "64",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO"):
+        warnings.simplefilter("always")
+        cli.main(args)
+    said = [str(w.message) for w in caught] + [caplog.text]
+    assert "GPU available" in caplog.text, "Lightning's messages are captured"
+    assert not [s for s in said if "does not have many workers" in s]
+    assert not [s for s in said if "💡" in s or "litlogger" in s or "litmodels" in s]
+    assert (tmp_path / "runs" / "best.ckpt").exists(), "the fit ran"
+
+
+@pytest.mark.e2e
+@pytest.mark.hostile
+def test_checkpoint_options_that_win_are_named(trained_run, tmp_path, capsys):
+    checkpoint = torch.load(trained_run.best, weights_only=True)
+    checkpoint["hyper_parameters"]["image_size"] = 32
+    torch.save(checkpoint, tmp_path / "small.ckpt")
+    status, stderr = caltech(
+        *predicting(trained_run, tmp_path, tmp_path / "small.ckpt"), "--model.image_size", "64", capsys=capsys
+    )
+    assert status == 0, stderr[-3000:]
+    said = [line for line in stderr.splitlines() if line.startswith("Using the checkpoint's")]
+    assert len(said) == 1 and "model.image_size 32 (not 64)" in said[0], stderr[-3000:]
+
+
+@pytest.mark.e2e
+@pytest.mark.hostile
+def test_checkpoint_of_other_classes_is_refused_before_any_image_is_read(trained_run, tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    status, stderr = caltech(
+        "test",
+        *options(tmp_path, trained_run.source),
+        "--data.data_dir",
+        str(data_dir),
+        "--data.classes",
+        "[circles, squares]",
+        "--ckpt_path",
+        str(trained_run.best),
+        capsys=capsys,
+    )
+    assert "trained on 3 classes" in one_error(status, stderr)
+    assert not (data_dir / "feature-cache").exists(), "refused before the test images were read"
+
+
+@pytest.mark.hostile
+def test_predict_without_predict_dir_says_so_at_once(tmp_path, capsys):
+    line = one_error(
+        *caltech(
+            "predict",
+            "--config",
+            TRANSFER,
+            "--data.data_dir",
+            str(tmp_path / "data"),
+            "--trainer.logger",
+            "false",
+            capsys=capsys,
+        )
+    )
+    assert "predict needs images" in line and "--data.predict_dir" in line
+    assert not (tmp_path / "data").exists(), "no download was tried"
+
+
+@pytest.mark.e2e
+@pytest.mark.hostile
+def test_a_runs_files_are_all_in_its_folder(trained_run):
+    """The configs name no logger folder: W&B, config.yaml and checkpoints follow default_root_dir."""
+    runs = trained_run.runs
+    assert (runs / "config.yaml").is_file() and (runs / "wandb").is_dir() and (runs / "history.csv").is_file()
+    run_ids = [p.name for p in (runs / "caltech").iterdir()]
+    assert len(run_ids) == 1 and (runs / "caltech" / run_ids[0] / "checkpoints" / "last.ckpt").is_file()
+    assert trained_run.best.resolve().parent == runs / "caltech" / run_ids[0] / "checkpoints"
+    assert {p.name for p in trained_run.root.iterdir()} == {"data", "runs"}, "nothing in the current folder"

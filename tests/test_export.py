@@ -1,5 +1,4 @@
-"""``caltech export``: ONNX and TorchScript files that give PyTorch's probabilities, with the
-class names and the preprocessing inside and beside them."""
+"""caltech export: ONNX and TorchScript files that score like PyTorch and carry the class names and preprocessing."""
 
 from __future__ import annotations
 
@@ -11,18 +10,23 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from caltech_cli.backbones import Preprocessing
-from caltech_cli.images import eval_transform, load_rgb
+from caltech_cli.images import load_rgb
 from caltech_cli.model import TransferClassifier
+from caltech_cli.transforms import Preprocessing, eval_transform
+
 from conftest import CLASSES, run_caltech
 
 
 def resized(paths, pre: Preprocessing) -> torch.Tensor:
     """Images as the exported model takes them: resized, centre-cropped, in [0, 1], not normalised."""
-    steps = v2.Compose([
-        v2.Resize(pre.resize_size, interpolation=pre.interpolation_mode), v2.CenterCrop(pre.crop_size),
-        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-    ])
+    steps = v2.Compose(
+        [
+            v2.Resize(pre.resize_size, interpolation=pre.interpolation_mode),
+            v2.CenterCrop(pre.crop_size),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
     return torch.stack([steps(load_rgb(p)) for p in paths])
 
 
@@ -37,6 +41,7 @@ def pytorch_reference(trained_run):
     return paths, pre, expected
 
 
+@pytest.mark.e2e
 def test_onnx_matches_pytorch_and_carries_classes_and_preprocessing(trained_run, pytorch_reference, tmp_path):
     paths, pre, expected = pytorch_reference
     output = tmp_path / "served" / "caltech.onnx"
@@ -59,11 +64,13 @@ def test_onnx_matches_pytorch_and_carries_classes_and_preprocessing(trained_run,
         assert info["preprocessing"]["resize_size"] == pre.resize_size
 
 
+@pytest.mark.e2e
 def test_torchscript_matches_pytorch(trained_run, pytorch_reference, tmp_path):
     paths, pre, expected = pytorch_reference
     output = tmp_path / "model.pt"
-    result = run_caltech("export", "--ckpt_path", str(trained_run.best), "--format", "torchscript",
-                         "--output", str(output), cwd=tmp_path)
+    result = run_caltech(
+        "export", "--ckpt_path", str(trained_run.best), "--format", "torchscript", "--output", str(output), cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     extra = {"caltech.json": ""}
     scripted = torch.jit.load(str(output), _extra_files=extra)
@@ -72,6 +79,7 @@ def test_torchscript_matches_pytorch(trained_run, pytorch_reference, tmp_path):
     assert json.loads(extra["caltech.json"])["class_names"] == sorted(CLASSES)
 
 
+@pytest.mark.e2e
 def test_export_of_something_else_says_so(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.ckpt")
     result = run_caltech("export", "--ckpt_path", str(tmp_path / "other.ckpt"), cwd=tmp_path)

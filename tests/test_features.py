@@ -16,10 +16,11 @@ from PIL import ImageOps
 from caltech_cli import features
 from caltech_cli.backbones import preprocessing_for
 from caltech_cli.data import Caltech101DataModule
-from caltech_cli.images import eval_transform, flipped_eval_transform, load_rgb
+from caltech_cli.images import load_rgb
 from caltech_cli.model import TransferClassifier
+from caltech_cli.transforms import eval_transform, flipped_eval_transform
 
-PRE = preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", image_size=64)
+from conftest import PRE64, CreatesFile, printed_metrics, quiet_trainer, run_caltech, small_data, small_run
 
 
 @pytest.fixture
@@ -36,14 +37,14 @@ def passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return seen
 
 
-def fit(image_folder, tmp_path, epochs: int = 2, **data_options) -> tuple[TransferClassifier, Caltech101DataModule, dict]:
+def fit(
+    image_folder, tmp_path, epochs: int = 2, **data_options
+) -> tuple[TransferClassifier, Caltech101DataModule, dict]:
     pl.seed_everything(0)
-    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), batch_size=8,
-                                num_workers=0, preprocessing=PRE, **data_options)
-    model = TransferClassifier(image_size=64, class_names=data.class_names)
+    data = small_data(image_folder, tmp_path, **data_options)
+    model = TransferClassifier(image_size=64, class_names=data.find_classes())
     model.configure_optimizers = lambda: torch.optim.AdamW(model.head.parameters(), lr=0.01)
-    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, max_epochs=epochs)
     trainer.fit(model, datamodule=data)
     metrics = trainer.test(model, datamodule=data, verbose=False)[0]
     return model, data, metrics
@@ -70,11 +71,16 @@ def test_changed_image_invalidates_the_cache(image_folder, tmp_path, passes):
 
 def test_other_image_size_is_another_cache(image_folder, tmp_path, passes):
     fit(image_folder, tmp_path, epochs=1, cache_features=True)
-    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), num_workers=0,
-                                preprocessing=preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", image_size=32),
-                                cache_features=True)
-    model = TransferClassifier(image_size=32, class_names=data.class_names)
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    data = Caltech101DataModule(
+        str(image_folder),
+        str(tmp_path / "data"),
+        split=(50, 25, 25),
+        num_workers=0,
+        preprocessing=preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", image_size=32),
+        cache_features=True,
+    )
+    model = TransferClassifier(image_size=32, class_names=data.find_classes())
+    trainer = quiet_trainer(tmp_path, enable_checkpointing=True)
     trainer.validate(model, datamodule=data, verbose=False)
     assert passes[-1] == 10
 
@@ -87,16 +93,6 @@ def test_half_written_cache_is_never_read(image_folder, tmp_path, passes):
     _, _, metrics = fit(image_folder, tmp_path, epochs=1, cache_features=True)
     assert passes == [10 + 19, 9]
     assert metrics["test/acc"] >= 0
-
-
-class CreatesFile:
-    """Unpickling this creates a file: what a planted cache file would do."""
-
-    def __init__(self, path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (str(self.path), "w"))
 
 
 def retyped(path, name: str, dtype: torch.dtype) -> None:
@@ -113,15 +109,22 @@ def test_damaged_cache_is_computed_again(image_folder, tmp_path, passes, caplog)
     assert len(files) == 3
     planted = tmp_path / "pwned"
     rounds = [
-        [lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
-         lambda f: f.write_bytes(b""),
-         lambda f: torch.save({"features": CreatesFile(planted), "labels": torch.zeros(1)}, f)],
-        [lambda f: f.write_text("another program's notes"),
-         lambda f: torch.save({"weights": torch.ones(3)}, f),
-         lambda f: torch.save({"features": torch.zeros(1, 2, 3), "labels": torch.zeros(2), "key": "{}"}, f)],
+        [
+            lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+            lambda f: f.write_bytes(b""),
+            lambda f: torch.save({"features": CreatesFile(planted), "labels": torch.zeros(1)}, f),
+        ],
+        [
+            lambda f: f.write_text("another program's notes"),
+            lambda f: torch.save({"weights": torch.ones(3)}, f),
+            lambda f: torch.save({"features": torch.zeros(1, 2, 3), "labels": torch.zeros(2), "key": "{}"}, f),
+        ],
         # The right key and shapes, other number types: the head and the loss would fail on them.
-        [lambda f: retyped(f, "labels", torch.int32), lambda f: retyped(f, "features", torch.float16),
-         lambda f: retyped(f, "labels", torch.float32)],
+        [
+            lambda f: retyped(f, "labels", torch.int32),
+            lambda f: retyped(f, "features", torch.float16),
+            lambda f: retyped(f, "labels", torch.float32),
+        ],
     ]
     for damage in rounds:
         for file, spoil in zip(files, damage):
@@ -163,19 +166,22 @@ def test_cache_is_computed_where_and_how_the_trainer_runs_the_model(image_folder
     not in the data module's setup while the model still sits on the CPU in float32. Another
     precision gives other features, so it is another cache."""
     events: list = []
-    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), batch_size=8,
-                                num_workers=0, preprocessing=PRE, cache_features=True)
-    model = TransferClassifier(image_size=64, class_names=data.class_names)
-    trainer = pl.Trainer(max_epochs=1, precision="bf16-mixed", accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path)
+    data = small_data(image_folder, tmp_path, cache_features=True)
+    model = TransferClassifier(image_size=64, class_names=data.find_classes())
+    trainer = quiet_trainer(tmp_path, max_epochs=1, precision="bf16-mixed", accelerator="cpu")
     placing = trainer.strategy.model_to_device
     monkeypatch.setattr(trainer.strategy, "model_to_device", lambda: (events.append("placed"), placing())[1])
     features = model.features
 
     def recording(images: torch.Tensor) -> torch.Tensor:
-        events.append((images.device, next(model.backbone.parameters()).device, torch.is_autocast_enabled("cpu"),
-                       torch.get_autocast_dtype("cpu")))
+        events.append(
+            (
+                images.device,
+                next(model.backbone.parameters()).device,
+                torch.is_autocast_enabled("cpu"),
+                torch.get_autocast_dtype("cpu"),
+            )
+        )
         return features(images)
 
     model.features = recording
@@ -192,46 +198,55 @@ def test_cache_is_computed_where_and_how_the_trainer_runs_the_model(image_folder
 
 
 def test_trained_backbone_is_not_cached(image_folder, tmp_path, passes):
-    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), batch_size=8,
-                                num_workers=0, preprocessing=PRE, cache_features=True)
-    model = TransferClassifier(image_size=64, freeze_backbone=False, class_names=data.class_names)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    data = small_data(image_folder, tmp_path, cache_features=True)
+    model = TransferClassifier(image_size=64, freeze_backbone=False, class_names=data.find_classes())
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1)
     trainer.fit(model, datamodule=data)
     assert passes == []
 
 
 def test_resume_with_the_cache(image_folder, tmp_path, passes):
     """``fit --ckpt_path`` continues from the checkpoint on the same cached features."""
-    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), batch_size=8,
-                                num_workers=0, preprocessing=PRE, cache_features=True)
+    data = small_data(image_folder, tmp_path, cache_features=True)
 
     def trainer(epochs: int) -> pl.Trainer:
-        return pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                          default_root_dir=tmp_path)
+        return quiet_trainer(tmp_path, max_epochs=epochs, enable_checkpointing=True)
 
     first = trainer(1)
-    model = TransferClassifier(image_size=64, class_names=data.class_names)
+    model = TransferClassifier(image_size=64, class_names=data.find_classes())
     first.fit(model, datamodule=data)
     first.save_checkpoint(tmp_path / "one.ckpt")
-    resumed_model = TransferClassifier(image_size=64, class_names=data.class_names)
+    resumed_model = TransferClassifier(image_size=64, class_names=data.find_classes())
     resumed = trainer(3)
-    resumed.fit(resumed_model, datamodule=Caltech101DataModule(
-        str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), batch_size=8, num_workers=0,
-        preprocessing=PRE, cache_features=True), ckpt_path=tmp_path / "one.ckpt")
+    resumed.fit(
+        resumed_model,
+        datamodule=small_data(image_folder, tmp_path, cache_features=True),
+        ckpt_path=tmp_path / "one.ckpt",
+    )
     assert resumed.current_epoch == 3 and resumed.global_step == 3 * 3
     assert passes == [10 + 19], "the resumed fit reuses the features of the first"
 
 
+@pytest.mark.e2e
 def test_ddp_on_cpu_end_to_end(tar_archive, tmp_path):
     """Two processes (gloo): the archive is extracted once, both train on the same split, one
     computes each split's features and the other reuses them, and the logged validation metrics
     are those of the whole validation set (what one process gets from the same checkpoint)."""
-    from conftest import printed_metrics, run_caltech, small_run
 
     options = [*small_run(tmp_path, str(tar_archive)), "--trainer.logger", "false"]
-    result = run_caltech("fit", *options, "--trainer.max_epochs", "2", "--trainer.strategy", "ddp",
-                         "--trainer.devices", "2", "--trainer.accelerator", "cpu", cwd=tmp_path)
+    result = run_caltech(
+        "fit",
+        *options,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("Extracted ") == 1
     splits = re.findall(r"\(split ([0-9a-f]{12})\)", result.stderr)
@@ -244,8 +259,15 @@ def test_ddp_on_cpu_end_to_end(tar_archive, tmp_path):
     with open(tmp_path / "runs" / "history.csv", newline="") as f:
         logged = list(csv.DictReader(f))[-1]
     # fit validates on the images alone; the config's validate adds their mirror images (tta_flip).
-    alone = run_caltech("validate", *options, "--ckpt_path", str(tmp_path / "runs" / "checkpoints" / "last.ckpt"),
-                        "--data.tta_flip", "false", cwd=tmp_path)
+    alone = run_caltech(
+        "validate",
+        *options,
+        "--ckpt_path",
+        str(tmp_path / "runs" / "checkpoints" / "last.ckpt"),
+        "--data.tta_flip",
+        "false",
+        cwd=tmp_path,
+    )
     assert alone.returncode == 0, alone.stderr[-3000:]
     printed = printed_metrics(alone.stdout, "val")
     for name in ("val/acc", "val/acc_macro", "val/loss"):
@@ -263,7 +285,7 @@ def test_tta_flip_view_is_cached_and_eval_averages_the_views(image_folder, tmp_p
     first = data.test_set.files[0]
     model.eval()
     with torch.no_grad():
-        mirrored = model.features(flipped_eval_transform(PRE)(load_rgb(first))[None])[0]
+        mirrored = model.features(flipped_eval_transform(PRE64)(load_rgb(first))[None])[0]
         assert torch.allclose(cached.features[1, 0], mirrored, atol=1e-4), "the second view is the mirror image"
         assert not torch.allclose(cached.features[0, 0], mirrored, atol=1e-3)
         views = cached.features.transpose(0, 1)  # (images, views, width), as the loader batches them
@@ -272,17 +294,20 @@ def test_tta_flip_view_is_cached_and_eval_averages_the_views(image_folder, tmp_p
     accuracy = (probs.argmax(dim=1) == cached.labels).float().mean()
     assert metrics["test/acc"] == pytest.approx(float(accuracy))
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "data" / "feature-cache").glob("*.pt")) == [
-        "test", "test_flip", "train", "val"
+        "test",
+        "test_flip",
+        "train",
+        "val",
     ]
 
 
 def test_tta_flip_without_the_cache_stacks_the_views(image_folder, tmp_path):
-    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), num_workers=0,
-                                preprocessing=PRE, tta_flip=True)
+    data = small_data(image_folder, tmp_path, batch_size=32, tta_flip=True)
+    data.setup("validate")
     image = load_rgb(data.val_set.files[0])
     stacked, _ = data._dataset("val")[0]
-    assert torch.equal(stacked[0], eval_transform(PRE)(image))
-    assert torch.equal(stacked[1], eval_transform(PRE)(ImageOps.mirror(image)))
+    assert torch.equal(stacked[0], eval_transform(PRE64)(image))
+    assert torch.equal(stacked[1], eval_transform(PRE64)(ImageOps.mirror(image)))
     assert data._dataset("train")[0][0].shape == (3, 64, 64), "training stays single-view"
 
 
@@ -293,17 +318,23 @@ def test_predict_with_tta_flip_averages_image_and_mirror(image_folder, tmp_path)
     for file in files:
         (tmp_path / "photos" / file.name).write_bytes(file.read_bytes())
     (tmp_path / "photos" / "broken.jpg").write_bytes(b"not an image")
-    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), batch_size=8, num_workers=0,
-                                preprocessing=PRE, predict_dir=str(tmp_path / "photos"), tta_flip=True)
+    data = Caltech101DataModule(
+        str(image_folder),
+        str(tmp_path / "data"),
+        batch_size=8,
+        num_workers=0,
+        preprocessing=PRE64,
+        predict_dir=str(tmp_path / "photos"),
+        tta_flip=True,
+    )
     model = TransferClassifier(image_size=64, class_names=["circles", "squares", "stripes"]).eval()
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, enable_checkpointing=True)
     (batch,) = trainer.predict(model, datamodule=data)
     assert batch["error"][0] and not any(batch["error"][1:]), "the unreadable file is one error row"
     with torch.no_grad():
         for row, path in zip(batch["probs"][1:], [tmp_path / "photos" / f.name for f in files]):
             image = load_rgb(path)
-            views = torch.stack([eval_transform(PRE)(image), eval_transform(PRE)(ImageOps.mirror(image))])
+            views = torch.stack([eval_transform(PRE64)(image), eval_transform(PRE64)(ImageOps.mirror(image))])
             assert torch.allclose(row, model(views).softmax(dim=1).mean(dim=0), atol=1e-5)
             assert not torch.allclose(row, model(views[:1]).softmax(dim=1)[0], atol=1e-4), "not the image alone"
 

@@ -1,4 +1,4 @@
-"""W&B goes offline by itself, and says why, instead of prompting or hanging."""
+"""W&B logging goes offline by itself and never prompts."""
 
 from __future__ import annotations
 

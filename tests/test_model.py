@@ -1,4 +1,4 @@
-"""Model: backbones and their weights, head width, frozen backbone, checkpoints."""
+"""The model: a frozen backbone stays frozen, checkpoints' classes, the training loss and its epoch figures."""
 
 from __future__ import annotations
 
@@ -8,106 +8,27 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-import torchvision
 
-from caltech_cli import backbones
-from caltech_cli.backbones import preprocessing_for, resolve_backbone
-from caltech_cli.callbacks import BestAndLastCheckpoint, EpochHistory, read_history
+from caltech_cli.backbones import preprocessing_for
+from caltech_cli.callbacks import BestAndLastCheckpoint, EpochHistory
 from caltech_cli.data import Caltech101DataModule
+from caltech_cli.devices import CPU_BATCH
 from caltech_cli.errors import CaltechError
-from caltech_cli.features import CPU_BATCH
-from caltech_cli.model import TransferClassifier, inverse_frequency
-from caltech_cli.sources import file_digest
+from caltech_cli.history import read_history
+from caltech_cli.model import TransferClassifier
 
-MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
-PRE64 = preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", image_size=64)
-
-
-@pytest.fixture
-def empty_hub(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A torch hub cache with nothing in it."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    return tmp_path / "torch" / "hub" / "checkpoints"
-
-
-@pytest.mark.parametrize(("name", "width"), [("resnet18", 512), ("mobilenet_v2", 1280), ("efficientnet_b0", 1280)])
-def test_head_width_comes_from_the_backbone(name, width):
-    model = TransferClassifier(backbone=name, weights=None, class_names=["a", "b", "c"])
-    assert model.head.in_features == width
-    assert model.head.out_features == 3
-    assert not any(isinstance(m, torch.nn.Linear) for m in model.backbone.modules()), "ImageNet classifier removed"
-    model.eval()
-    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
-
-
-def test_offline_package_provides_mobilenet_weights(empty_hub):
-    packaged = backbones._offline_package_file(MOBILENET_FILE)
-    assert packaged is not None and packaged.name == MOBILENET_FILE
-    assert file_digest(packaged) == backbones.OFFLINE_PACKAGES[MOBILENET_FILE][2]
-    model = TransferClassifier(backbone="mobilenet_v2", weights="IMAGENET1K_V1", num_classes=2)
-    expected = torch.load(packaged, weights_only=True)
-    assert torch.equal(model.backbone.features[0][0].weight, expected["features.0.0.weight"])
-
-
-def imagenet_like_state(backbone: str, value: float) -> dict[str, torch.Tensor]:
-    """A full state dict for ``backbone`` (ImageNet classifier included) with every float set to ``value``."""
-    network = torchvision.models.get_model(backbone)
-    return {k: torch.full_like(v, value) if v.is_floating_point() else v for k, v in network.state_dict().items()}
-
-
-def test_hub_cache_comes_before_the_package(empty_hub):
-    empty_hub.mkdir(parents=True)
-    torch.save(imagenet_like_state("mobilenet_v2", 0.5), empty_hub / MOBILENET_FILE)
-    model = resolve_backbone("mobilenet_v2", "IMAGENET1K_V1").module
-    assert torch.all(model.features[0][0].weight == 0.5)
-
-
-def test_missing_weights_say_what_to_put_where(empty_hub):
-    with pytest.raises(CaltechError) as error:
-        resolve_backbone("resnet18", "IMAGENET1K_V1")
-    message = str(error.value)
-    assert str(empty_hub / "resnet18-f37072fd.pth") in message
-    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
-    assert "--model.weights" in message
-
-
-def test_weights_file_path(tmp_path):
-    path = tmp_path / "r18.pth"
-    torch.save({"state_dict": imagenet_like_state("resnet18", 1.0)}, path)
-    loaded = resolve_backbone("resnet18", str(path)).module
-    assert torch.all(loaded.conv1.weight == 1)
-
-
-def test_weights_that_do_not_fit(tmp_path):
-    path = tmp_path / "wrong.pth"
-    torch.save({"conv1.weight": torch.zeros(1)}, path)
-    with pytest.raises(CaltechError, match="do not fit backbone resnet18"):
-        resolve_backbone("resnet18", str(path))
-
-
-def test_unknown_names_are_explained():
-    with pytest.raises(CaltechError, match="resnet18"):
-        resolve_backbone("resnett18", None)
-    with pytest.raises(CaltechError, match="IMAGENET1K_V1"):
-        preprocessing_for("mobilenet_v2", "IMAGENET9K")
-
-
-def test_preprocessing_travels_with_the_weights():
-    assert preprocessing_for("mobilenet_v2", "IMAGENET1K_V1").crop_size == 224
-    v2 = preprocessing_for("resnet50", "IMAGENET1K_V2")
-    assert (v2.crop_size, v2.resize_size) == (224, 232)
-    small = preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", image_size=112)
-    assert (small.crop_size, small.resize_size) == (112, 128)
+from conftest import quiet_trainer, small_data
 
 
 def test_frozen_backbone_is_bit_identical_after_fit(image_folder, tmp_path):
     pre = preprocessing_for("mobilenet_v2", "IMAGENET1K_V1", image_size=64)
-    data = Caltech101DataModule(str(image_folder), str(tmp_path), split=(50, 25, 25), batch_size=8, num_workers=0, preprocessing=pre)
-    model = TransferClassifier(image_size=64, class_names=data.class_names)
+    data = Caltech101DataModule(
+        str(image_folder), str(tmp_path), split=(50, 25, 25), batch_size=8, num_workers=0, preprocessing=pre
+    )
+    model = TransferClassifier(image_size=64, class_names=data.find_classes())
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head_before = model.head.weight.clone()
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, max_epochs=2)
     trainer.fit(model, datamodule=data)
     after = model.backbone.state_dict()
     assert before.keys() == after.keys()
@@ -119,12 +40,14 @@ def test_frozen_backbone_is_bit_identical_after_fit(image_folder, tmp_path):
 
 def test_unfrozen_backbone_trains(image_folder, tmp_path):
     pre = preprocessing_for("resnet18", None, image_size=32)
-    data = Caltech101DataModule(str(image_folder), str(tmp_path), split=(50, 25, 25), batch_size=8, num_workers=0, preprocessing=pre)
-    model = TransferClassifier(backbone="resnet18", weights=None, freeze_backbone=False, image_size=32,
-                               class_names=data.class_names)
+    data = Caltech101DataModule(
+        str(image_folder), str(tmp_path), split=(50, 25, 25), batch_size=8, num_workers=0, preprocessing=pre
+    )
+    model = TransferClassifier(
+        backbone="resnet18", weights=None, freeze_backbone=False, image_size=32, class_names=data.find_classes()
+    )
     before = model.backbone.conv1.weight.clone()
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
     trainer.fit(model, datamodule=data)
     assert not torch.equal(before, model.backbone.conv1.weight)
 
@@ -144,30 +67,23 @@ def test_checkpoint_names_the_classes_when_the_model_has_none():
     assert model.class_names == ["x", "y"] and model.head.out_features == 2
 
 
-def test_inverse_frequency_weights():
-    counts = torch.tensor([2, 6, 0])
-    assert torch.allclose(inverse_frequency(counts, 1.0), torch.tensor([8 / 6, 8 / 18, 0.0]))
-    assert torch.allclose(inverse_frequency(counts, 0.5), torch.tensor([(8 / 6) ** 0.5, (8 / 18) ** 0.5, 0.0]))
-
-
 @pytest.mark.parametrize("class_weights", ["inverse", "sqrt_inverse"])
 def test_class_weighted_smoothed_training_loss(image_folder, tmp_path, class_weights):
     """Fit takes the class weights from the training labels; the training loss is the weighted,
     label-smoothed cross-entropy computed by hand, while val and test losses stay plain. Fit logs
     val/acc_macro beside val/acc."""
-    data = Caltech101DataModule(str(image_folder), str(tmp_path / "data"), split=(50, 25, 25), batch_size=8,
-                                num_workers=0, cache_features=True, preprocessing=PRE64,
-                                )
-    data._make_splits()
+    data = small_data(image_folder, tmp_path, cache_features=True)
+    data.setup("fit")
     # An imbalanced training set: drop most of the first class's training images.
     first = [i for i, label in enumerate(data.train_set.labels) if label == 0][1:]
     keep = [i for i in range(len(data.train_set)) if i not in first]
-    data._splits[0] = dataclasses.replace(data.train_set, files=[data.train_set.files[i] for i in keep],
-                                          labels=[data.train_set.labels[i] for i in keep])
-    model = TransferClassifier(image_size=64, class_names=data.class_names, class_weights=class_weights,
-                               label_smoothing=0.1)
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    data.train_set = dataclasses.replace(
+        data.train_set, files=[data.train_set.files[i] for i in keep], labels=[data.train_set.labels[i] for i in keep]
+    )
+    model = TransferClassifier(
+        image_size=64, class_names=data.find_classes(), class_weights=class_weights, label_smoothing=0.1
+    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
     trainer.fit(model, datamodule=data)
     assert "val/acc_macro" in trainer.callback_metrics
     counts = torch.bincount(torch.tensor(data.train_set.labels), minlength=3).float()
@@ -230,8 +146,10 @@ class EpochFigures(pl.Callback):
 
 def expected_figures(batches: list[tuple[float, int, int]]) -> dict[str, float]:
     images = sum(n for _, n, _ in batches)
-    return {"train/loss": sum(loss * n for loss, n, _ in batches) / images,
-            "train/acc": sum(hits for _, _, hits in batches) / images}
+    return {
+        "train/loss": sum(loss * n for loss, n, _ in batches) / images,
+        "train/acc": sum(hits for _, _, hits in batches) / images,
+    }
 
 
 def history_figures(root: Path) -> list[dict[str, float]]:
@@ -246,8 +164,8 @@ def features_loader() -> torch.utils.data.DataLoader:
 
 
 def head_only_trainer(root: Path, *callbacks: pl.Callback, **options) -> pl.Trainer:
-    return pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=root, callbacks=[*callbacks, EpochHistory()], **options)
+    options = {"max_epochs": 3, "enable_checkpointing": True, **options}
+    return quiet_trainer(root, callbacks=[*callbacks, EpochHistory()], **options)
 
 
 @pytest.mark.parametrize(
@@ -288,8 +206,9 @@ def test_fit_resumed_within_an_epoch_logs_what_it_trained(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     resumed = EpochFigures()
     checkpoints = BestAndLastCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_on_exception=True)
-    head_only_trainer(tmp_path, resumed, checkpoints).fit(model, features_loader(),
-                                                          ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    head_only_trainer(tmp_path, resumed, checkpoints).fit(
+        model, features_loader(), ckpt_path=tmp_path / "checkpoints" / "last.ckpt"
+    )
     assert [len(batches) for batches in resumed.batches] == [4, 7]
     expected = [expected_figures(failing.batches[0]), *map(expected_figures, resumed.batches)]
     assert history_figures(tmp_path) == [pytest.approx(e, rel=1e-5) for e in expected]

@@ -1,9 +1,4 @@
-"""timm backbones: their preprocessing, their weights offline first, and every command with them.
-
-No network here: the tests use timm's tiny test architectures (``test_vit``, ``test_convnext``:
-real timm models of a few hundred thousand parameters, with pretrained configs and Hub names like
-any other), weights files written by the test, and a Hugging Face cache folder built by the test.
-"""
+"""backbones: timm's models, their weights from the Hugging Face cache, the whole cycle on timm's test models."""
 
 from __future__ import annotations
 
@@ -18,17 +13,20 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from test_export import resized
 
 from caltech_cli.backbones import preprocessing_for, resolve_backbone
 from caltech_cli.errors import CaltechError
 from caltech_cli.export import export, load_for_export
-from caltech_cli.images import eval_transform, load_rgb
-from conftest import CLASSES, REPO, run_caltech, small_run
-from test_export import resized
+from caltech_cli.images import load_rgb
+from caltech_cli.transforms import eval_transform
+
+from conftest import CLASSES, FINETUNE, run_caltech, small_run
 
 VIT = "test_vit.r160_in1k"
+
+
 CONVNEXT = "test_convnext.r160_in1k"
-FINETUNE = str(REPO / "configs" / "finetune.yaml")
 
 
 def timm_state(name: str, seed: int, num_classes: int = 1000) -> dict[str, torch.Tensor]:
@@ -102,11 +100,21 @@ def test_names_are_explained():
         resolve_backbone("timm/gcvit_xxtiny.in1k", "pretrained")
 
 
+@pytest.mark.e2e
 def test_missing_weights_say_what_to_download_and_where(tar_archive, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = run_caltech("fit", *small_run(tmp_path, str(tar_archive)), "--trainer.logger", "false",
-                         "--model.backbone", f"timm/{VIT}", "--model.weights", "pretrained", cwd=tmp_path)
+    result = run_caltech(
+        "fit",
+        *small_run(tmp_path, str(tar_archive)),
+        "--trainer.logger",
+        "false",
+        "--model.backbone",
+        f"timm/{VIT}",
+        "--model.weights",
+        "pretrained",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("caltech: error: cannot get the weights of timm/test_vit.r160_in1k")
@@ -116,6 +124,7 @@ def test_missing_weights_say_what_to_download_and_where(tar_archive, tmp_path, m
     assert f"https://huggingface.co/timm/{VIT}/resolve/main/model.safetensors" in message
 
 
+@pytest.mark.e2e
 def test_fit_test_predict_export_with_weights_from_the_hub_cache(tar_archive, tmp_path, monkeypatch):
     """The whole life of a timm model, offline: weights from a Hugging Face cache (and no request
     to the Hub although HF_HUB_OFFLINE is unset: its address is a closed port here), its
@@ -127,32 +136,64 @@ def test_fit_test_predict_export_with_weights_from_the_hub_cache(tar_archive, tm
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    options = [*small_run(tmp_path, str(tar_archive)), "--trainer.logger", "false",
-               "--model.backbone", f"timm/{VIT}", "--model.weights", "pretrained"]
-    fit = run_caltech("fit", *options, "--trainer.max_epochs", "3", "--lr_scheduler.T_max", "3",
-                      "--optimizer.lr", "0.01", cwd=tmp_path)
+    options = [
+        *small_run(tmp_path, str(tar_archive)),
+        "--trainer.logger",
+        "false",
+        "--model.backbone",
+        f"timm/{VIT}",
+        "--model.weights",
+        "pretrained",
+    ]
+    fit = run_caltech(
+        "fit",
+        *options,
+        "--trainer.max_epochs",
+        "3",
+        "--lr_scheduler.T_max",
+        "3",
+        "--optimizer.lr",
+        "0.01",
+        cwd=tmp_path,
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "127.0.0.1:9" not in fit.stderr, "the cache is read without asking the Hub"
     assert "Cached val and train features" in fit.stderr
 
-    caches = {p.name.split("-")[0]: torch.load(p, weights_only=True) for p in (tmp_path / "data" / "feature-cache").glob("*.pt")}
+    caches = {
+        p.name.split("-")[0]: torch.load(p, weights_only=True)
+        for p in (tmp_path / "data" / "feature-cache").glob("*.pt")
+    }
     assert set(caches) == {"train", "val"}
     key = json.loads(caches["train"]["key"])
-    assert key["preprocessing"] == {"crop_size": 64, "resize_size": 67, "mean": [0.5, 0.5, 0.5],
-                                    "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}, "timm's config, scaled to 64"
+    assert key["preprocessing"] == {
+        "crop_size": 64,
+        "resize_size": 67,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bicubic",
+    }, "timm's config, scaled to 64"
     best = tmp_path / "runs" / "best.ckpt"
     saved = torch.load(best, weights_only=True)
     assert saved["hyper_parameters"]["backbone"] == f"timm/{VIT}"
-    assert torch.equal(saved["state_dict"]["backbone.blocks.2.mlp.fc1.weight"], hub_state["blocks.2.mlp.fc1.weight"]), \
+    assert torch.equal(saved["state_dict"]["backbone.blocks.2.mlp.fc1.weight"], hub_state["blocks.2.mlp.fc1.weight"]), (
         "the frozen backbone holds the Hub file's weights"
+    )
 
     test = run_caltech("test", *options, "--ckpt_path", str(best), cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
     assert re.search(r"test/acc\s+[0-9.]+", test.stdout)
     assert {"top_losses.png", "most_confused.png"} <= {p.name for p in (tmp_path / "runs" / "report").iterdir()}
 
-    predict = run_caltech("predict", *options, "--ckpt_path", str(best), "--data.predict_dir",
-                          str(tmp_path / "data" / "101_ObjectCategories" / "stripes"), cwd=tmp_path)
+    predict = run_caltech(
+        "predict",
+        *options,
+        "--ckpt_path",
+        str(best),
+        "--data.predict_dir",
+        str(tmp_path / "data" / "101_ObjectCategories" / "stripes"),
+        cwd=tmp_path,
+    )
     assert predict.returncode == 0, predict.stderr[-3000:]
     rows = (tmp_path / "runs" / "predictions.csv").read_text().splitlines()
     assert len(rows) == 1 + 12 and all(row.split(",")[1] in CLASSES for row in rows[1:])
@@ -178,14 +219,31 @@ def test_fit_test_predict_export_with_weights_from_the_hub_cache(tar_archive, tm
         torch.testing.assert_close(torch.jit.load(str(scripted))(resized(paths, pre)), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.e2e
 def test_finetune_unfreezes_timms_blocks(tar_archive, tmp_path):
     """Fine-tuning a ConvNeXt from a weights file: its blocks (timm's own grouping) join the
     optimizer at the unfreeze epoch and move, and the checkpoint tests."""
     torch.save(timm_state(CONVNEXT, seed=4), tmp_path / "convnext.pth")
-    options = [*small_run(tmp_path, str(tar_archive), FINETUNE), "--trainer.logger", "false",
-               "--model.backbone", f"timm/{CONVNEXT}", "--model.weights", str(tmp_path / "convnext.pth")]
-    fit = run_caltech("fit", *options, "--trainer.max_epochs", "2", "--lr_scheduler.T_max", "2",
-                      "--trainer.callbacks.unfreeze_at_epoch", "1", cwd=tmp_path)
+    options = [
+        *small_run(tmp_path, str(tar_archive), FINETUNE),
+        "--trainer.logger",
+        "false",
+        "--model.backbone",
+        f"timm/{CONVNEXT}",
+        "--model.weights",
+        str(tmp_path / "convnext.pth"),
+    ]
+    fit = run_caltech(
+        "fit",
+        *options,
+        "--trainer.max_epochs",
+        "2",
+        "--lr_scheduler.T_max",
+        "2",
+        "--trainer.callbacks.unfreeze_at_epoch",
+        "1",
+        cwd=tmp_path,
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "Epoch 1: 11 of 11 backbone blocks train" in fit.stderr
     last = torch.load(tmp_path / "runs" / "checkpoints" / "last.ckpt", weights_only=True)

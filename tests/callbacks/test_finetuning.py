@@ -1,22 +1,23 @@
-"""Fine-tuning schedule, and resuming a fit to exactly where an unbroken one would be."""
+"""The fine-tuning callback: the head first, then the backbone's blocks at their own rates."""
 
 from __future__ import annotations
 
 import csv
+import inspect
 import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from pytorch_lightning.callbacks import BaseFinetuning
 from torch import nn
 
 from caltech_cli.backbones import resolve_backbone
-from caltech_cli.finetuning import BackboneUnfreeze, add_param_group, backbone_blocks
+from caltech_cli.callbacks.finetuning import BackboneUnfreeze, add_param_group, backbone_blocks
 from caltech_cli.model import TransferClassifier
-from conftest import REPO, printed_metrics, run_caltech, small_run
 
-FINETUNE = str(REPO / "configs" / "finetune.yaml")
+from conftest import FINETUNE, REPO, printed_metrics, run_caltech, small_run
 
 
 @pytest.mark.parametrize(
@@ -36,7 +37,10 @@ def test_blocks_cover_every_parameter_once(network, count):
 
 def trainer_stub(optimizer: torch.optim.Optimizer, epoch: int, *schedulers) -> SimpleNamespace:
     return SimpleNamespace(
-        optimizers=[optimizer], current_epoch=epoch, is_global_zero=True, strategy=None,
+        optimizers=[optimizer],
+        current_epoch=epoch,
+        is_global_zero=True,
+        strategy=None,
         lr_scheduler_configs=[SimpleNamespace(scheduler=s) for s in schedulers],
     )
 
@@ -78,18 +82,22 @@ def test_gradual_unfreezing_and_train_bn():
     assert len(optimizer.param_groups) == 1 + 4
     assert all(p.requires_grad for block in blocks[-4:] for p in block)
     assert not any(p.requires_grad for block in blocks[:-4] for p in block)
-    assert model.backbone.features[-1].training and not model.backbone.features[0].training, \
+    assert model.backbone.features[-1].training and not model.backbone.features[0].training, (
         "frozen blocks stay in eval mode"
+    )
     callback.on_train_epoch_start(trainer_stub(optimizer, 2), model)
     assert len(optimizer.param_groups) == 1 + 8
     assert isinstance(model.backbone.features[-1][1], nn.BatchNorm2d) and model.backbone.features[-1][1].training
 
 
-@pytest.mark.parametrize("make", [
-    lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10),
-    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10),
-    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.9**epoch),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10),
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10),
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.9**epoch),
+    ],
+)
 def test_joining_group_follows_the_schedule_at_its_scale(make):
     head, late = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.SGD([head], lr=1e-2)
@@ -105,9 +113,17 @@ def test_joining_group_follows_the_schedule_at_its_scale(make):
         assert late_lr == pytest.approx(0.25 * head_lr)
 
 
+@pytest.mark.e2e
 def test_finetune_refuses_a_frozen_model(image_folder, tmp_path):
-    result = run_caltech("fit", *small_run(tmp_path, str(image_folder), FINETUNE), "--model.freeze_backbone", "true",
-                         "--trainer.logger", "false", cwd=tmp_path)
+    result = run_caltech(
+        "fit",
+        *small_run(tmp_path, str(image_folder), FINETUNE),
+        "--model.freeze_backbone",
+        "true",
+        "--trainer.logger",
+        "false",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert "Fix: pass --model.freeze_backbone false" in result.stderr.strip().splitlines()[-1]
 
@@ -117,9 +133,20 @@ def finetune(tmp_path: Path, source: str, name: str, *options: str):
     epoch from epoch 1, a worker process drawing the augmentations, and deterministic kernels."""
     root = tmp_path / name
     result = run_caltech(
-        "fit", *small_run(root, source, FINETUNE), "--trainer.logger", "false", "--data.num_workers", "1",
-        "--trainer.callbacks.unfreeze_at_epoch", "1", "--trainer.callbacks.blocks_per_epoch", "8",
-        "--trainer.deterministic", "true", *options, cwd=tmp_path,
+        "fit",
+        *small_run(root, source, FINETUNE),
+        "--trainer.logger",
+        "false",
+        "--data.num_workers",
+        "1",
+        "--trainer.callbacks.unfreeze_at_epoch",
+        "1",
+        "--trainer.callbacks.blocks_per_epoch",
+        "8",
+        "--trainer.deterministic",
+        "true",
+        *options,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "runs"
@@ -132,6 +159,7 @@ def history(runs: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k not in timings} for row in csv.DictReader(f)]
 
 
+@pytest.mark.e2e
 def test_resumed_fit_ends_where_an_unbroken_one_does(image_folder, tmp_path):
     """Stop after 2 of 4 epochs, resume from last.ckpt: same weights, optimizer and metrics as a
     fit that ran 4 epochs at once, across the unfreezing (parameter groups added before and
@@ -140,8 +168,15 @@ def test_resumed_fit_ends_where_an_unbroken_one_does(image_folder, tmp_path):
     broken = finetune(tmp_path, str(image_folder), "broken", "--trainer.max_epochs", "2")
     first_half = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
     assert first_half["epoch"] == 1 and len(first_half["optimizer_states"][0]["param_groups"]) == 1 + 8
-    finetune(tmp_path, str(image_folder), "broken", "--trainer.max_epochs", "4",
-             "--ckpt_path", str(broken / "checkpoints" / "last.ckpt"))
+    finetune(
+        tmp_path,
+        str(image_folder),
+        "broken",
+        "--trainer.max_epochs",
+        "4",
+        "--ckpt_path",
+        str(broken / "checkpoints" / "last.ckpt"),
+    )
 
     a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
@@ -149,42 +184,87 @@ def test_resumed_fit_ends_where_an_unbroken_one_does(image_folder, tmp_path):
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    assert [g["lr"] for g in a["optimizer_states"][0]["param_groups"]] == \
-        [g["lr"] for g in b["optimizer_states"][0]["param_groups"]]
+    assert [g["lr"] for g in a["optimizer_states"][0]["param_groups"]] == [
+        g["lr"] for g in b["optimizer_states"][0]["param_groups"]
+    ]
     assert len(a["optimizer_states"][0]["param_groups"]) == 1 + 19
     assert history(whole) == history(broken)
     assert [row["epoch"] for row in history(broken)] == ["0", "1", "2", "3"]
 
     # The schedule did what it says: BatchNorm statistics are ImageNet's, the convolutions moved.
     start = TransferClassifier(image_size=64, freeze_backbone=False, class_names=["a", "b", "c"]).state_dict()
-    assert torch.equal(a["state_dict"]["backbone.features.0.1.running_mean"], start["backbone.features.0.1.running_mean"])
+    assert torch.equal(
+        a["state_dict"]["backbone.features.0.1.running_mean"], start["backbone.features.0.1.running_mean"]
+    )
     assert not torch.equal(a["state_dict"]["backbone.features.0.0.weight"], start["backbone.features.0.0.weight"])
 
 
+@pytest.mark.e2e
 def test_ddp_trains_the_unfrozen_backbone_on_every_process(image_folder, tmp_path):
     """DDP registers the parameters that need gradients when it wraps the model; a block unfrozen
     later must still have its gradients averaged (Lightning-AI/pytorch-lightning#20340), or each
     process trains its own backbone. Then the logged validation (each process scores its half
     with its own weights) would differ from one process scoring the saved weights."""
-    runs = finetune(tmp_path, str(image_folder), "ddp", "--trainer.max_epochs", "3", "--trainer.strategy", "ddp",
-                    "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--data.num_workers", "0")
+    runs = finetune(
+        tmp_path,
+        str(image_folder),
+        "ddp",
+        "--trainer.max_epochs",
+        "3",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--data.num_workers",
+        "0",
+    )
     logged = history(runs)[-1]
-    alone = run_caltech("validate", *small_run(tmp_path / "ddp", str(image_folder), FINETUNE), "--trainer.logger",
-                        "false", "--ckpt_path", str(runs / "checkpoints" / "last.ckpt"), cwd=tmp_path)
+    alone = run_caltech(
+        "validate",
+        *small_run(tmp_path / "ddp", str(image_folder), FINETUNE),
+        "--trainer.logger",
+        "false",
+        "--ckpt_path",
+        str(runs / "checkpoints" / "last.ckpt"),
+        cwd=tmp_path,
+    )
     assert alone.returncode == 0, alone.stderr[-3000:]
     printed = printed_metrics(alone.stdout, "val")
     assert printed["val/loss"] == pytest.approx(float(logged["val/loss"]), rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_callback_by_its_short_name(tmp_path):
     """`--trainer.callbacks+=BackboneUnfreeze` (jsonargparse finds a class by its name only
     among the modules the command has loaded) and its options under `--trainer.callbacks.help`."""
     config = str(REPO / "configs" / "transfer.yaml")
-    added = run_caltech("fit", "--config", config, "--model.freeze_backbone", "false",
-                        "--trainer.callbacks+=BackboneUnfreeze", "--trainer.callbacks.unfreeze_at_epoch", "3",
-                        "--print_config", cwd=tmp_path)
+    added = run_caltech(
+        "fit",
+        "--config",
+        config,
+        "--model.freeze_backbone",
+        "false",
+        "--trainer.callbacks+=BackboneUnfreeze",
+        "--trainer.callbacks.unfreeze_at_epoch",
+        "3",
+        "--print_config",
+        cwd=tmp_path,
+    )
     assert added.returncode == 0, added.stderr[-2000:]
     assert re.search(r"class_path: caltech_cli\.(finetuning\.)?BackboneUnfreeze", added.stdout)
     assert "unfreeze_at_epoch: 3" in added.stdout
     helped = run_caltech("fit", "--trainer.callbacks.help", "BackboneUnfreeze", cwd=tmp_path)
     assert helped.returncode == 0 and "--trainer.callbacks.unfreeze_at_epoch" in helped.stdout, helped.stderr[-2000:]
+
+
+def test_the_private_lightning_parts_it_uses_are_as_it_expects():
+    """BaseFinetuning's ``_restarting`` (set when a checkpoint's parameter groups are loaded, so that a
+    resumed fit keeps them) and ``_store`` (which records the groups for the checkpoint)."""
+    callback = BackboneUnfreeze()
+    assert callback._restarting is False
+    callback.load_state_dict({"internal_optimizer_metadata": {}})
+    assert callback._restarting is True
+    parameters = list(inspect.signature(BaseFinetuning._store).parameters)
+    assert parameters == ["self", "pl_module", "opt_idx", "num_param_groups", "current_param_groups"]

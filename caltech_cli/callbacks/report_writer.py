@@ -1,0 +1,115 @@
+"""The test report callback: collects ``test``'s probabilities and has the report written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info
+
+from caltech_cli.files import writable_folder
+from caltech_cli.loggers import wandb_loggers
+from caltech_cli.report import write_test_report
+from caltech_cli.report.pictures import mistake_caption, thumbnail
+
+
+class TestReport(Callback):
+    """Write a report of every ``test`` run, and send it to W&B when a W&B logger is attached.
+
+    Files in ``output``: ``metrics.json`` (the printed test metrics), ``per_class.csv``
+    (support, accuracy, precision, recall, average precision), ``confusion_matrix.png``,
+    ``pr_curves.png``, ``predictions.png`` (a fixed sample of test images with predicted and
+    true labels), and the mistakes in view, as fastai's ``plot_top_losses`` and ``most_confused``
+    show them: ``top_losses.png`` and ``.csv`` (the test images with the highest loss, with
+    prediction, truth, their probabilities and the loss) and ``most_confused.png`` and ``.csv``
+    (the most frequent true -> predicted pairs among the mistakes, with examples). To W&B:
+    ``wandb.plot.pr_curve``, ``wandb.plot.confusion_matrix``, the PNGs, and the top-loss images
+    one by one with their captions (``test/top_losses``).
+
+    Args:
+        output: Folder of the report; null means ``<trainer.default_root_dir>/report``.
+        samples: Test images shown in ``predictions.png``.
+        seed: Chooses those images.
+        top_losses: Test images in ``top_losses.png`` (and W&B's ``test/top_losses``).
+        confused_pairs: Class pairs in ``most_confused.png``.
+        confused_examples: Example images of each pair.
+    """
+
+    def __init__(
+        self,
+        output: str | None = None,
+        samples: int = 24,
+        seed: int = 0,
+        top_losses: int = 18,
+        confused_pairs: int = 8,
+        confused_examples: int = 5,
+    ) -> None:
+        self.output = output
+        self.samples = samples
+        self.seed = seed
+        self.top_losses = top_losses
+        self.confused_pairs = confused_pairs
+        self.confused_examples = confused_examples
+        self._probs: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._probs, self._labels = [], []
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._probs.append(outputs["logits"].float().softmax(dim=1).cpu())
+        self._labels.append(batch[1].cpu())
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not self._probs:
+            return
+        folder = writable_folder(
+            Path(self.output) if self.output else Path(trainer.default_root_dir) / "report", "report.output"
+        )
+        probs, labels, names = torch.cat(self._probs), torch.cat(self._labels), pl_module.class_names
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        files = getattr(getattr(trainer.datamodule, "test_set", None), "files", None)
+        written = write_test_report(
+            folder,
+            probs,
+            labels,
+            names,
+            metrics,
+            files,
+            self.samples,
+            self.seed,
+            self.top_losses,
+            self.confused_pairs,
+            self.confused_examples,
+        )
+        for logger in wandb_loggers(trainer):
+            import wandb
+
+            mistakes = [
+                wandb.Image(
+                    thumbnail(files[i], 256, square=True), caption=mistake_caption(probs[i], int(labels[i]), names)
+                )
+                for i in written.worst
+            ]
+            logger.experiment.log(
+                {
+                    "test/pr_curve": wandb.plot.pr_curve(labels.tolist(), probs.tolist(), labels=list(names)),
+                    "test/confusion_matrix": wandb.plot.confusion_matrix(
+                        y_true=labels.tolist(), preds=probs.argmax(dim=1).tolist(), class_names=list(names)
+                    ),
+                    **{f"test/report/{p.stem}": wandb.Image(str(p)) for p in written.pictures},
+                    **({"test/top_losses": mistakes} if mistakes else {}),
+                }
+            )
+        rank_zero_info(f"Wrote the test report to {folder}: {', '.join(p.name for p in sorted(folder.iterdir()))}")

@@ -1,0 +1,64 @@
+"""The W&B validation samples callback: the tutorial's prediction images, after every validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.callbacks import Callback
+
+from caltech_cli.loggers import wandb_loggers
+from caltech_cli.report import fixed_sample
+from caltech_cli.report.pictures import thumbnail
+
+
+class WandbValidationSamples(Callback):
+    """At the end of each validation, log to W&B a fixed sample of validation images with their
+    predicted and true labels (the tutorial's prediction-image callback): as a table
+    (``val/samples``), and as the images themselves, captioned with prediction, probability and
+    truth (``val/sample_images``). An offline run keeps only the second as image files (wandb
+    leaves images inside tables out of offline runs, wandb/wandb#4611), so the pictures are
+    there after ``wandb sync`` too.
+
+    Args:
+        samples: Validation images logged.
+        seed: Chooses those images; the same ones in every epoch, so epochs compare.
+    """
+
+    def __init__(self, samples: int = 16, seed: int = 0) -> None:
+        self.samples = samples
+        self.seed = seed
+        self._thumbnails: list[Image.Image] = []
+        self._cells: list[Any] = []  # the table's wandb.Image of each, made once
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loggers = wandb_loggers(trainer)
+        images = getattr(trainer.datamodule, "val_set", None)
+        if not loggers or images is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        import wandb
+
+        chosen = fixed_sample(len(images), self.samples, self.seed)
+        if not self._thumbnails:
+            self._thumbnails = [thumbnail(images.files[i], 128, square=True) for i in chosen]
+            self._cells = [wandb.Image(thumb) for thumb in self._thumbnails]
+        # The validation loader's own items: cached features when the backbone is cached, else images.
+        source = trainer.val_dataloaders.dataset
+        inputs = torch.stack([source[i][0] for i in chosen]).to(pl_module.device)
+        with torch.no_grad():
+            probs = pl_module(inputs).softmax(dim=1).cpu()
+        names = pl_module.class_names
+        rows = [
+            [names[int(p.argmax())], names[images.labels[i]], float(p.max()), trainer.current_epoch]
+            for i, p in zip(chosen, probs)
+        ]
+        captions = [f"{pred} ({probability:.0%}), truth: {truth}" for pred, truth, probability, _ in rows]
+        for logger in loggers:
+            logger.log_table(
+                "val/samples",
+                columns=["image", "prediction", "truth", "probability", "epoch"],
+                data=[[cell, *row] for cell, row in zip(self._cells, rows)],
+            )
+            logger.log_image("val/sample_images", list(self._thumbnails), caption=captions)

@@ -1,0 +1,36 @@
+"""``history.csv``: one row of train and val metrics per epoch of a run's latest fit, which
+``caltech fit`` writes (``callbacks.history.EpochHistory``) and ``caltech compare`` reads."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from caltech_cli.errors import CaltechError
+
+HISTORY = "history.csv"
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """The rows of a ``history.csv``, epochs as ints; one clear error when it is damaged."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        return [{**row, "epoch": int(row["epoch"])} for row in rows]
+    except (ValueError, TypeError, KeyError, csv.Error, UnicodeDecodeError) as error:
+        detail = f"no {error} column" if isinstance(error, KeyError) else str(error).splitlines()[0][:120]
+        raise CaltechError(
+            f"{path} is damaged ({detail}): it is not the metrics table `caltech fit` writes. "
+            "Fix: delete it (the next `caltech fit` there writes it again), or leave that run out."
+        ) from error
+
+
+def write_history(path: Path, rows: list[dict[str, float]]) -> None:
+    """Write the rows, ``epoch`` first and the metrics in sorted order (a metric missing from a row
+    is an empty cell)."""
+    columns = ["epoch", *sorted({k for row in rows for k in row} - {"epoch"})]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)

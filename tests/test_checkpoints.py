@@ -1,0 +1,135 @@
+"""checkpoints: files of tensors from strangers are read without running anything in them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from caltech_cli.backbones import resolve_backbone
+from caltech_cli.errors import CaltechError
+
+from conftest import CreatesFile, caltech, one_error, options, predicting, run_caltech
+
+
+@pytest.mark.hostile
+def test_weights_file_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": CreatesFile(marker)}, evil)
+    with pytest.raises(CaltechError, match="evil.pth"):
+        resolve_backbone("resnet18", str(evil))
+    assert not marker.exists(), "the pickle's code must not run"
+
+
+@pytest.mark.e2e
+@pytest.mark.hostile
+def test_checkpoint_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"backbone": CreatesFile(marker)}}, evil)
+    result = run_caltech(
+        "test", "--ckpt_path", str(evil), "--data.source", str(tmp_path), "--trainer.logger", "false", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "evil.ckpt" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists(), "the pickle's code must not run"
+
+
+NOT_OURS = {
+    "state-dict": {"features.0.0.weight": torch.zeros(2)},
+    "list": [torch.zeros(2)],
+    "other-program": {
+        "state_dict": {"encoder.weight": torch.zeros(2)},
+        "pytorch-lightning_version": "2.6.6",
+        "hyper_parameters": {"hidden": 64, "lr": 0.1},
+    },
+    "text": "name,score\nx,1\n",
+}
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("state-dict", "a plain state dict"),
+        ("list", "it holds a list"),
+        ("other-program", "without caltech's model options"),
+        ("text", "not a file torch.save wrote"),
+    ],
+)
+@pytest.mark.parametrize("command", ["test", "export"])
+def test_checkpoint_that_is_not_ours_is_one_line(image_folder, tmp_path, capsys, kind, says, command):
+    path = tmp_path / "other.ckpt"
+    if isinstance(NOT_OURS[kind], str):
+        path.write_text(NOT_OURS[kind])
+    else:
+        torch.save(NOT_OURS[kind], path)
+    args = ["--ckpt_path", str(path)]
+    if command == "test":
+        args = [*options(tmp_path, image_folder), *args]
+    assert says in one_error(*caltech(command, *args, capsys=capsys))
+
+
+EVIL_MODULE = """import pathlib
+pathlib.Path({marker!r}).write_text("imported")
+
+
+class Evil:
+    pass
+
+
+def make(cls, hparams):
+    pathlib.Path({marker!r}).write_text("called")
+"""
+
+
+def evil_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An importable module whose import or call leaves a marker file: what a checkpoint's
+    ``_class_path`` or ``_instantiator`` would run if anything honoured them."""
+    marker = tmp_path / "pwned"
+    (tmp_path / "evilmod.py").write_text(EVIL_MODULE.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return marker
+
+
+@pytest.mark.e2e
+@pytest.mark.hostile
+def test_checkpoint_asking_to_import_a_class_is_refused(trained_run, tmp_path, capsys, monkeypatch):
+    marker = evil_module(tmp_path, monkeypatch)
+    checkpoint = torch.load(trained_run.best, weights_only=True)
+    checkpoint["hyper_parameters"].update(_class_path="evilmod.Evil", _instantiator="evilmod.make")
+    torch.save(checkpoint, tmp_path / "evil.ckpt")
+    for command in ("test", "export"):
+        args = ["--ckpt_path", str(tmp_path / "evil.ckpt")]
+        if command == "test":
+            args = [*options(tmp_path, trained_run.source), *args]
+        assert "_class_path" in one_error(*caltech(command, *args, capsys=capsys))
+    assert not marker.exists() and "evilmod" not in sys.modules
+
+
+@pytest.mark.e2e
+@pytest.mark.hostile
+def test_instantiator_in_a_checkpoint_is_never_called(trained_run, tmp_path, capsys, monkeypatch):
+    """CVE-2026-58659: Lightning's load_from_checkpoint called a checkpoint's ``_instantiator``.
+    caltech never uses that loader; the CLI reads the options itself and drops the key."""
+    marker = evil_module(tmp_path, monkeypatch)
+    checkpoint = torch.load(trained_run.best, weights_only=True)
+    checkpoint["hyper_parameters"]["_instantiator"] = "evilmod.make"
+    torch.save(checkpoint, tmp_path / "evil.ckpt")
+    status, stderr = caltech(*predicting(trained_run, tmp_path, tmp_path / "evil.ckpt"), capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    status, stderr = caltech(
+        "export",
+        "--ckpt_path",
+        str(tmp_path / "evil.ckpt"),
+        "--format",
+        "torchscript",
+        "--output",
+        str(tmp_path / "model.pt"),
+        capsys=capsys,
+    )
+    assert status == 0, stderr[-3000:]
+    assert not marker.exists() and "evilmod" not in sys.modules

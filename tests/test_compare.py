@@ -1,0 +1,95 @@
+"""caltech compare: runs side by side, and one line for a run folder it cannot read."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import SCRATCH, caltech, csv_rows, one_error, run_caltech, small_run
+
+
+@pytest.mark.e2e
+def test_compare_two_runs(trained_run, tmp_path):
+    scratch = tmp_path / "scratch"
+    options = [
+        *small_run(scratch, trained_run.source, config=SCRATCH),
+        "--model.image_size",
+        "32",
+        "--model.backbone",
+        "resnet18",
+        "--trainer.max_epochs",
+        "2",
+        "--lr_scheduler.T_max",
+        "2",
+    ]
+    assert run_caltech("fit", *options, cwd=scratch.parent).returncode == 0
+    assert (
+        run_caltech("test", *options, "--ckpt_path", str(scratch / "runs" / "best.ckpt"), cwd=scratch.parent).returncode
+        == 0
+    )
+    result = run_caltech(
+        "compare", str(trained_run.runs), str(scratch / "runs"), "--output", str(tmp_path / "cmp"), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "cmp" / "comparison.png") as image:
+        assert image.format == "PNG"
+    rows = csv_rows(tmp_path / "cmp" / "comparison.csv")
+    assert len(rows) == 2 and rows[0]["epochs"] == "4" and rows[1]["epochs"] == "2"
+    transfer_acc = json.loads((trained_run.runs / "report" / "metrics.json").read_text())["test/acc"]
+    assert rows[0]["test/acc"] == f"{transfer_acc:.4f}"
+    history = csv_rows(trained_run.runs / "history.csv")
+    assert rows[0]["best val/acc_macro"] == f"{max(float(r['val/acc_macro']) for r in history):.4f}"
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert markdown.count("\n") == 4 and "test/acc_macro" in markdown
+
+
+@pytest.mark.e2e
+def test_compare_names_a_run_without_history(tmp_path):
+    result = run_caltech("compare", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert result.returncode == 2 and "history.csv does not exist" in result.stderr
+
+
+def write_history(run: Path, text: str | bytes) -> Path:
+    run.mkdir(parents=True)
+    (run / "history.csv").write_bytes(text if isinstance(text, bytes) else text.encode())
+    return run
+
+
+@pytest.mark.hostile
+def test_compare_table_cells_cannot_be_formulas(tmp_path, capsys):
+    first = write_history(tmp_path / "=1+2", "epoch,val/acc,val/loss\n0,0.5,1.0\n1,0.75,0.5\n")
+    second = write_history(tmp_path / "plain", "epoch,val/acc,val/loss\n0,0.6,0.9\n")
+    status, stderr = caltech("compare", str(first), str(second), "--output", str(tmp_path / "cmp"), capsys=capsys)
+    assert status == 0, stderr
+    with open(tmp_path / "cmp" / "comparison.csv", newline="", encoding="utf-8") as f:
+        assert [row["run"] for row in csv.DictReader(f)] == ["'=1+2", "plain"]
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ("epoch,val/acc\n0,0.5\n1,lots\n", "could not convert string to float"),
+        ("val/acc\n0.5\n", "no 'epoch' column"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "damaged"),
+        ("epoch,val/acc\n0,0.5,extra,cells\n", "damaged"),
+    ],
+    ids=["not-a-number", "no-epoch", "binary", "extra-cells"],
+)
+def test_compare_on_a_damaged_history_is_one_line(tmp_path, capsys, content, says):
+    run = write_history(tmp_path / "run", content)
+    line = one_error(*caltech("compare", str(run), "--output", str(tmp_path / "cmp"), capsys=capsys))
+    assert f"{run / 'history.csv'} is damaged" in line and says in line
+
+
+@pytest.mark.hostile
+def test_compare_on_damaged_test_metrics_is_one_line(tmp_path, capsys):
+    run = write_history(tmp_path / "run", "epoch,val/acc\n0,0.5\n")
+    (run / "report").mkdir()
+    (run / "report" / "metrics.json").write_text('{"test/acc": 0.9')
+    line = one_error(*caltech("compare", str(run), "--output", str(tmp_path / "cmp"), capsys=capsys))
+    assert f"{run / 'report' / 'metrics.json'} is damaged" in line

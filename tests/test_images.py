@@ -1,0 +1,93 @@
+"""images: decoding as upright RGB in any mode, and files that fail to decode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from caltech_cli.errors import CaltechError
+from caltech_cli.images import LabelledImages, image_problem, load_rgb, to_rgb
+from caltech_cli.transforms import eval_transform
+
+from conftest import SMALL, damaged_png, data_module
+
+
+def test_greyscale_file_loads_as_rgb(image_folder):
+    path = image_folder / "circles" / "image_0013.jpg"
+    assert Image.open(path).mode == "L"
+    image = load_rgb(path)
+    assert image.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("L", (8, 8), 7),
+        Image.new("CMYK", (8, 8), (0, 0, 0, 0)),
+        Image.new("RGBA", (8, 8), (0, 0, 0, 0)),
+        Image.new("LA", (8, 8), (0, 0)),
+        Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)),
+    ],
+    ids=["L", "CMYK", "RGBA", "LA", "I16"],
+)
+def test_to_rgb_handles_modes(image):
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == (8, 8)
+    if image.mode in ("RGBA", "LA"):
+        assert rgb.getpixel((0, 0)) == (255, 255, 255), "transparent pixels become white"
+    if image.mode == "CMYK":
+        assert rgb.getpixel((0, 0)) == (255, 255, 255)
+    if image.mode.startswith("I"):
+        assert rgb.getpixel((0, 0)) == (255, 255, 255), "16-bit white stays white"
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_rgb(tmp_path / "rotated.jpg").size == (20, 40)
+
+
+def test_large_jpeg_is_decoded_at_reduced_size(tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (2000, 1600), (10, 20, 30)).save(path)
+    image = load_rgb(path, min_size=256)
+    assert 256 <= min(image.size) < 1600
+
+
+def test_image_that_fails_in_a_worker_is_named(image_folder, tmp_path):
+    dm = data_module(image_folder, tmp_path)
+    dm.setup("fit")
+    victim = tmp_path / "gone.jpg"
+    dataset = type(dm.train_set)([victim], [0], dm.train_set.transform)
+    with pytest.raises(CaltechError, match="cannot read image .*gone.jpg"):
+        dataset[0]
+
+
+def test_image_that_fails_after_the_scan_is_skipped_with_the_option(tmp_path):
+    """A PNG whose checksums were made to fit passes the scan; decoding it fails."""
+    good = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, path in enumerate(good):
+        Image.new("RGB", (40, 40), (80 * i, 20, 30)).save(path)
+    bad = damaged_png(tmp_path / "bad.png", checksum_intact=True)
+    assert image_problem(bad) is None
+    files, labels = [good[0], bad, good[1], good[2]], [0, 0, 1, 0]
+
+    strict = LabelledImages(files, labels, eval_transform(SMALL))
+    with pytest.raises(CaltechError, match=r"cannot read image .*bad\.png.*--data\.skip_bad_images true"):
+        strict[1]
+
+    skipping = LabelledImages(files, labels, eval_transform(SMALL), skip_bad=True)
+    image, label = skipping[1]
+    assert label == 0 and torch.equal(image, skipping[3][0]), "the next image of its class stands in"
+    fresh = LabelledImages(files, labels, eval_transform(SMALL), skip_bad=True)
+    loader = torch.utils.data.DataLoader(fresh, batch_size=2, num_workers=2)
+    assert sum(len(batch_labels) for _, batch_labels in loader) == 4
+    assert fresh.skipped() == [bad], "what loader workers found is known to the main process"
+
+    alone = LabelledImages([bad, good[0]], [0, 1], eval_transform(SMALL), skip_bad=True)
+    with pytest.raises(CaltechError, match="no image labelled 0 can be read"):
+        alone[0]
