@@ -54,11 +54,11 @@ def _preprocessing_fields(backbone: str, weights: str | None, image_size: int | 
     return asdict(preprocessing_for(backbone, weights, image_size))
 
 
-def classes_found(data: ImageClassificationDataModule) -> list[str] | None:
+def data_class_names(data: ImageClassificationDataModule) -> list[str] | None:
     return data.find_classes()
 
 
-def number_of_classes(data: ImageClassificationDataModule) -> int | None:
+def data_num_classes(data: ImageClassificationDataModule) -> int | None:
     names = data.find_classes()
     return None if names is None else len(names)
 
@@ -94,8 +94,8 @@ class CaltechCLI(LightningCLI):
             apply_on="parse",
         )
         # The data module finds its classes (fetching the data first where needed) when the model is built.
-        parser.link_arguments("data", "model.num_classes", compute_fn=number_of_classes, apply_on="instantiate")
-        parser.link_arguments("data", "model.class_names", compute_fn=classes_found, apply_on="instantiate")
+        parser.link_arguments("data", "model.num_classes", compute_fn=data_num_classes, apply_on="instantiate")
+        parser.link_arguments("data", "model.class_names", compute_fn=data_class_names, apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer; on a CUDA device float32 matrix products may use TensorFloat-32, which

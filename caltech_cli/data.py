@@ -29,6 +29,12 @@ from caltech_cli.transforms import Preprocessing, eval_transform, flip_views, tr
 
 log = logging.getLogger(__name__)
 
+
+class NotReadYetError(CaltechError, AttributeError):
+    """What a data module knows only once it has read its folder (``find_classes``, ``setup``).
+    An AttributeError too, so that ``getattr(data, "train_set", None)`` is None before ``setup``."""
+
+
 CALTECH101_URL = "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"
 # The splits whose features a stage uses, computed together when the first is asked for.
 STAGE_SPLITS = {TrainerFn.FITTING: ("val", "train"), TrainerFn.VALIDATING: ("val",), TrainerFn.TESTING: ("test",)}
@@ -170,12 +176,12 @@ class ImageClassificationDataModule(LightningDataModule):
         self.feature_batch_size = feature_batch_size
         self.tta_flip = tta_flip
         self.preprocessing = preprocessing or Preprocessing()
-        cache_folder = Path(cache_dir) if cache_dir else self.data_dir / "feature-cache"
-        self.feature_cache = FeatureCache(cache_folder, self.preprocessing, crop_scale, cache_views)
+        self.cache_dir = Path(cache_dir) if cache_dir else self.data_dir / "feature-cache"
+        self.cache_views = cache_views
+        self.feature_cache = FeatureCache(self.cache_dir, self.preprocessing, crop_scale, cache_views)
         self.layout: folders.Layout | None = None
-        self.train_set: LabelledImages | None = None
-        self.val_set: LabelledImages | None = None
-        self.test_set: LabelledImages | None = None
+        self.splits: dict[str, LabelledImages] = {}  # train, val and test, once setup has made them
+        self.fingerprint: str | None = None
         self.predict_files: list[Path] = []
 
     def prepare_data(self) -> None:
@@ -200,19 +206,46 @@ class ImageClassificationDataModule(LightningDataModule):
         return self.class_names
 
     @property
-    def class_names(self) -> list[str] | None:
-        """The classes found by :meth:`find_classes` (None before)."""
-        return None if self.layout is None else list(self.layout.classes)
+    def class_names(self) -> list[str]:
+        """The classes that :meth:`find_classes` (which ``setup`` calls) found."""
+        if self.layout is None:
+            raise NotReadYetError(
+                "the data module has not read its classes yet. Fix: call find_classes() or setup() first."
+            )
+        return list(self.layout.classes)
 
     @property
-    def num_classes(self) -> int | None:
-        return None if self.layout is None else len(self.layout.classes)
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def train_set(self) -> LabelledImages:
+        return self._split("train")
+
+    @property
+    def val_set(self) -> LabelledImages:
+        return self._split("val")
+
+    @property
+    def test_set(self) -> LabelledImages:
+        return self._split("test")
+
+    def _split(self, name: str) -> LabelledImages:
+        if not self.splits:
+            raise NotReadYetError(f"the data module has not made its {name} set yet. Fix: call setup('fit') first.")
+        return self.splits[name]
+
+    def split_fingerprint(self) -> str:
+        """A short hash of which file is in which split (``folders.Splits``), making them if needed."""
+        if not self.splits:
+            self._make_splits()
+        return self.fingerprint
 
     def setup(self, stage: str) -> None:
         if stage == "predict":
             self.predict_files = images_to_predict(self.predict_dir)
             return
-        if self.train_set is None:
+        if not self.splits:
             self._make_splits()
         if stage == "test" and not self.test_set:
             raise CaltechError(
@@ -222,17 +255,18 @@ class ImageClassificationDataModule(LightningDataModule):
         if self.cache_features and model is not None and not getattr(model, "freeze_backbone", False):
             log.info("Not caching features: the backbone is trained (model.freeze_backbone is false)")
         if self._frozen_model() is not None:
-            writable_folder(self.feature_cache.folder, "data.cache_dir")
+            writable_folder(self.cache_dir, "data.cache_dir")
 
     def _make_splits(self) -> None:
         self.find_classes()
         splits = folders.split(self.layout, self.split, self.seed, self.skip_bad_images)
         pre = self.preprocessing
         transforms = [train_transform(pre, self.crop_scale), eval_transform(pre), eval_transform(pre)]
-        self.train_set, self.val_set, self.test_set = (
-            LabelledImages(part.files, part.labels, transform, pre.resize_size, self.skip_bad_images)
-            for part, transform in zip(splits, transforms)
-        )
+        self.splits = {
+            name: LabelledImages(part.files, part.labels, transform, pre.resize_size, self.skip_bad_images)
+            for name, part, transform in zip(folders.SPLITS, splits, transforms)
+        }
+        self.fingerprint = splits.fingerprint
         log.info(
             "%d images in %d classes: %s train, %s val, %s test (split %s)",
             sum(len(part.files) for part in splits),
@@ -243,7 +277,7 @@ class ImageClassificationDataModule(LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         """Say which image files were skipped because they could not be read (``skip_bad_images``)."""
-        skipped = [path for part in (self.train_set, self.val_set, self.test_set) if part for path in part.skipped()]
+        skipped = [path for part in self.splits.values() for path in part.skipped()]
         if skipped:
             log.warning(
                 "Skipped %d image files that could not be read (the next image of the class took each one's "
@@ -279,13 +313,13 @@ class ImageClassificationDataModule(LightningDataModule):
         CPU while a GPU waits. The first call computes every split the running stage needs
         (fit: train and val) in one pass, so the loader's workers start once.
         """
-        images: LabelledImages = getattr(self, f"{split}_set")
+        images = self.splits[split]
         model = self._frozen_model()
         if model is None:
             return replace(images, transform=flip_views(self.preprocessing)) if self._tta(split) else images
         if self.feature_cache.get(split, self._tta(split)) is None:
             names = dict.fromkeys([*STAGE_SPLITS.get(self.trainer.state.fn, ()), split])
-            wanted = {name: (getattr(self, f"{name}_set"), self._tta(name)) for name in names}
+            wanted = {name: (self.splits[name], self._tta(name)) for name in names}
             self.feature_cache.load(wanted, self._extraction(model))
         return self.feature_cache.get(split, self._tta(split))
 

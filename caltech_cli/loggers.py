@@ -13,7 +13,6 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -90,8 +89,3 @@ class WandbLogger(LightningWandbLogger):
             entity=entity,
             tags=tags,
         )
-
-
-def wandb_loggers(trainer: pl.Trainer) -> list[LightningWandbLogger]:
-    """The trainer's W&B loggers (ours or Lightning's own), which the callbacks send their pictures to."""
-    return [logger for logger in trainer.loggers if isinstance(logger, LightningWandbLogger)]

@@ -9,13 +9,14 @@ import shutil
 import subprocess
 import sys
 import warnings
+from unittest import mock
 
 import pytest
 import torch
 from PIL import Image
 
 from caltech_cli import cli
-from caltech_cli.cli import make_cli
+from caltech_cli.cli import main, make_cli
 
 from conftest import (
     CLASSES,
@@ -263,3 +264,12 @@ def test_a_runs_files_are_all_in_its_folder(trained_run):
     assert len(run_ids) == 1 and (runs / "caltech" / run_ids[0] / "checkpoints" / "last.ckpt").is_file()
     assert trained_run.best.resolve().parent == runs / "caltech" / run_ids[0] / "checkpoints"
     assert {p.name for p in trained_run.root.iterdir()} == {"data", "runs"}, "nothing in the current folder"
+
+
+def test_a_logger_by_its_short_name(image_folder, capsys):
+    """``--trainer.logger WandbLogger`` names Lightning's: the tool's own loggers module is loaded
+    only when a config names it, so the short name stays unambiguous."""
+    with pytest.raises(SystemExit) as stop, mock.patch.object(sys, "argv", ["caltech"]):
+        main(["fit", "--data.source", str(image_folder), "--trainer.logger", "WandbLogger", "--print_config"])
+    assert stop.value.code in (0, None)
+    assert "class_path: pytorch_lightning.loggers.WandbLogger" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from caltech_cli.data import ImageFolderDataModule
+from caltech_cli.data import ImageFolderDataModule, NotReadYetError
 from caltech_cli.errors import CaltechError
 
 from conftest import CLASSES, damaged_png, data_module, draw, run_caltech, small_run
@@ -188,3 +189,17 @@ def test_presplit_class_missing_from_train_is_refused(image_folder, tmp_path):
     (root / "val" / "dogs").mkdir()
     with pytest.raises(CaltechError, match="classes that .*train lacks: dogs"):
         folder_module(root, tmp_path).find_classes()
+
+
+def test_what_the_data_module_knows_before_it_reads_its_folder(image_folder, tmp_path):
+    """No property reads the disk: before find_classes() or setup() they say so, with the fix
+    (an AttributeError too, for getattr's default), and methods do the reading."""
+    dm = data_module(image_folder, tmp_path)
+    with pytest.raises(NotReadYetError, match=r"not read its classes yet. Fix: call find_classes\(\)"):
+        dm.class_names
+    assert getattr(dm, "train_set", None) is None and not hasattr(dm, "num_classes")
+    assert dm.find_classes() == dm.class_names == sorted(CLASSES) and dm.num_classes == 3
+    with pytest.raises(NotReadYetError, match=r"not made its test set yet. Fix: call setup\('fit'\)"):
+        dm.test_set
+    assert re.fullmatch(r"[0-9a-f]{12}", dm.split_fingerprint()) and len(dm.train_set) == 19
+    assert (dm.cache_dir, dm.cache_views) == (tmp_path / "feature-cache", 0)

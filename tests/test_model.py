@@ -77,7 +77,7 @@ def test_class_weighted_smoothed_training_loss(image_folder, tmp_path, class_wei
     # An imbalanced training set: drop most of the first class's training images.
     first = [i for i, label in enumerate(data.train_set.labels) if label == 0][1:]
     keep = [i for i in range(len(data.train_set)) if i not in first]
-    data.train_set = dataclasses.replace(
+    data.splits["train"] = dataclasses.replace(
         data.train_set, files=[data.train_set.files[i] for i in keep], labels=[data.train_set.labels[i] for i in keep]
     )
     model = TransferClassifier(

@@ -10,8 +10,8 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
+from caltech_cli.callbacks.wandb_runs import wandb_loggers
 from caltech_cli.files import writable_folder
-from caltech_cli.loggers import wandb_loggers
 from caltech_cli.report import write_test_report
 from caltech_cli.report.pictures import mistake_caption, thumbnail
 

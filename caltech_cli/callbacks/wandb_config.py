@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import yaml
 from pytorch_lightning.cli import SaveConfigCallback
 
-from caltech_cli.loggers import wandb_loggers
+from caltech_cli.callbacks.wandb_runs import wandb_loggers
 
 
 class WandbSaveConfig(SaveConfigCallback):

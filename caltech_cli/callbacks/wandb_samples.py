@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
 
-from caltech_cli.loggers import wandb_loggers
+from caltech_cli.callbacks.wandb_runs import wandb_loggers
 from caltech_cli.report import fixed_sample
 from caltech_cli.report.pictures import thumbnail
 
