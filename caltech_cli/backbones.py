@@ -37,13 +37,15 @@ import torch
 from torch import nn
 from torchvision import models
 
-from caltech_cli.checkpoints import read_state_dict
+from caltech_cli.checkpoints import check_weight_types, read_state_dict
 from caltech_cli.errors import CaltechError
 from caltech_cli.files import file_digest
 from caltech_cli.transforms import Preprocessing
 
 # The smallest crop every torchvision classification CNN reduces to at least one pixel (stride 32).
 MIN_IMAGE_SIZE = 32
+# The largest crop taken: a batch of such images is already gigabytes, more is a mistake.
+MAX_IMAGE_SIZE = 2048
 
 # Weight files that a pip package ships byte for byte, keyed by torchvision's file name:
 # (importable package, path inside it, sha256 of the file).
@@ -160,6 +162,11 @@ def preprocessing_for(backbone: str, weights: str | None, image_size: int | None
     with close names, before its weights are looked up: the CLI calls this as it parses.
     """
     known_backbone(backbone)
+    if image_size is not None and image_size > MAX_IMAGE_SIZE:
+        raise CaltechError(
+            f"model.image_size {image_size} is too large: a batch of such images takes more memory than a machine "
+            f"has. Fix: pass --model.image_size {MAX_IMAGE_SIZE} or less, or null for the weights' own size."
+        )
     if image_size is not None and image_size < MIN_IMAGE_SIZE:
         raise CaltechError(
             f"model.image_size {image_size} is too small: the backbones reduce an image {MIN_IMAGE_SIZE} times. "
@@ -271,9 +278,16 @@ def _timm_pretrained_file(backbone: str, config: Any) -> Path:
         )
     repo, _, revision = config.hf_hub_id.partition("@")
     files = [config.hf_hub_filename] if config.hf_hub_filename else list(HUB_FILES)
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
     for filename in files:
         cached = try_to_load_from_cache(repo, filename, revision=revision or None)
         if isinstance(cached, str):
+            # The cache's refs and links are files like any other: they must not lead out of it.
+            if not Path(cached).resolve().is_relative_to(folder.resolve()):
+                raise CaltechError(
+                    f"the Hugging Face cache's {filename} of {repo} leads outside {folder}, to "
+                    f"{Path(cached).resolve()}: it was altered. Fix: delete {folder} and download the weights again."
+                )
             return Path(cached)
     url = f"https://huggingface.co/{repo}"
     if constants.HF_HUB_OFFLINE:
@@ -288,7 +302,6 @@ def _timm_pretrained_file(backbone: str, config: Any) -> Path:
             except OSError as error:  # no route, a refused connection, an HTTP error, a full disk
                 problem = f"the download from {url} failed ({str(error).splitlines()[0][:300]})"
                 break
-    folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
     raise CaltechError(
         f"cannot get the weights of {backbone}: not in the Hugging Face cache ({folder}), and {problem}. "
         f"Fix: on a machine with internet run `hf download {repo} {files[0]}` and copy its "
@@ -354,6 +367,7 @@ def resolve_backbone(backbone: str, weights: str | None, image_size: int | None 
     if weights is not None:
         if _looks_like_path(weights):
             state = read_state_dict(Path(weights))
+            check_weight_types(Path(weights), state, network)
         else:
             state = _pretrained_state_dict(backbone, weights)
         try:

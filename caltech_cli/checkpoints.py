@@ -1,4 +1,5 @@
-"""Files of tensors from strangers: checkpoints and weights, read without running code from them.
+"""Files of tensors: checkpoints and weights from strangers, read without running code from them,
+and the run's own checkpoints, written whole.
 
 Every checkpoint and weights file goes through :func:`load_safely` (``torch.load`` with
 ``weights_only``) or safetensors; anything else is refused in one line that says what it is.
@@ -12,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from caltech_cli.errors import CaltechError
+from caltech_cli.files import kind_of, written_whole
 
 # What Lightning adds to the saved hyper-parameters besides the model's options; never used here.
 LIGHTNING_KEYS = {"_instantiator"}
@@ -35,6 +38,11 @@ def _not_torch_file(what: str, path: Path, error: BaseException) -> CaltechError
 
 def load_safely(path: Path, what: str) -> Any:
     """``torch.load`` that never runs code from the file (``weights_only``), with one clear error."""
+    kind = kind_of(path, follow=True)
+    if kind is not None:
+        raise CaltechError(
+            f"{what} {path} is a {kind}, not a file. Fix: pass the path of a file saved with torch.save."
+        )
     if not path.is_file():
         raise CaltechError(f"{what} {path} does not exist. Fix: check the path.")
     try:
@@ -51,27 +59,56 @@ def load_safely(path: Path, what: str) -> Any:
         raise _not_torch_file(what, path, error) from error
 
 
+# Number types a weights file may hold: floats, and int64 for counters and index buffers (BatchNorm's
+# num_batches_tracked). Anything else loaded into a float parameter is silently cast, so it is refused.
+WEIGHT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64}
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The weights in a ``.safetensors`` file or a ``torch.save`` file (a state dict, or a dict
-    holding one under ``state_dict`` or ``model``, as training scripts save them)."""
+    holding one under ``state_dict`` or ``model``, as training scripts save them): names to
+    tensors of float types (and int64 counters), refused in one line otherwise."""
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            return load_file(path, device="cpu")
+            state = load_file(path, device="cpu")
         except (SafetensorError, OSError) as error:
             raise CaltechError(f"cannot read weights file {path}: {error}. Fix: pass a .safetensors file.") from error
-    state = load_safely(path, "weights file")
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    else:
+        state = load_safely(path, "weights file")
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    fix = "Fix: pass a file saved with torch.save(model.state_dict(), path)."
     if not isinstance(state, dict):
+        raise CaltechError(f"weights file {path} holds a {type(state).__name__}, not a state dict. {fix}")
+    odd = next(
+        (key for key, value in state.items() if not (isinstance(key, str) and isinstance(value, torch.Tensor))), None
+    )
+    if odd is not None:
         raise CaltechError(
-            f"weights file {path} holds a {type(state).__name__}, not a state dict. "
-            "Fix: pass a file saved with torch.save(model.state_dict(), path)."
+            f"weights file {path} is not a state dict: its entry {odd!r} is not a name with a tensor. {fix}"
+        )
+    odd = next((key for key, value in state.items() if value.dtype not in WEIGHT_DTYPES), None)
+    if odd is not None:
+        raise CaltechError(
+            f"weights file {path} holds {odd} as {state[odd].dtype}, not as floating-point weights: loading would "
+            f"cast it silently. {fix}"
         )
     return state
+
+
+def check_weight_types(path: Path, state: dict[str, torch.Tensor], network: torch.nn.Module) -> None:
+    """Refuse weights that a network holds as floats but the file does not (an int64 kernel)."""
+    expected = network.state_dict()
+    for key, value in state.items():
+        if key in expected and expected[key].is_floating_point() and not value.is_floating_point():
+            raise CaltechError(
+                f"weights file {path} holds {key} as {value.dtype}, where the network has floats: loading would "
+                "cast it silently. Fix: pass the network's own weights, saved with torch.save(model.state_dict())."
+            )
 
 
 def read_checkpoint(path: Path, model_options: Collection[str]) -> dict[str, Any]:
@@ -96,6 +133,11 @@ def read_checkpoint(path: Path, model_options: Collection[str]) -> dict[str, Any
     ):
         kind = type(checkpoint).__name__ if not isinstance(checkpoint, dict) else "dict without caltech's model options"
         raise CaltechError(f"{path} is not a checkpoint of a caltech model (it holds a {kind}). {fix}.")
+    names = saved["class_names"]
+    if len(names) < 2 or not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
+        raise CaltechError(
+            f"{path} names {len(names)} classes, not two or more distinct names: it was altered or damaged. {fix}."
+        )
     unknown = sorted(set(saved) - set(model_options) - LIGHTNING_KEYS)
     if unknown:
         raise CaltechError(
@@ -103,3 +145,17 @@ def read_checkpoint(path: Path, model_options: Collection[str]) -> dict[str, Any
             f"another program wrote it, or it was altered. {fix}."
         )
     return checkpoint
+
+
+class WholeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing each checkpoint aside and renaming it when whole: a
+    disk that fills during the write leaves no truncated ``best-*.ckpt`` or ``last.ckpt`` for a
+    later run to trust, and ends in one line."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:  # Lightning's own says what it does not support
+            super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with written_whole(path, "trainer.default_root_dir") as scratch:
+            torch.save(checkpoint, scratch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -12,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import Namespace, set_parsing_settings
 from pytorch_lightning import Trainer
 from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.optim import Optimizer
 
@@ -31,12 +33,13 @@ from caltech_cli.callbacks import (
     WandbSaveConfig,
     WandbValidationSamples,
 )
-from caltech_cli.checkpoints import read_checkpoint
+from caltech_cli.checkpoints import WholeCheckpointIO, read_checkpoint
 from caltech_cli.data import ImageClassificationDataModule
 from caltech_cli.errors import CaltechError
 from caltech_cli.files import writable_folder
 from caltech_cli.model import MODEL_OPTIONS, TransferClassifier
-from caltech_cli.parser import CaltechArgumentParser
+from caltech_cli.parser import CaltechArgumentParser, check_arguments
+from caltech_cli.text import EscapeArguments, shown
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,29 @@ def data_class_names(data: ImageClassificationDataModule) -> list[str] | None:
 def data_num_classes(data: ImageClassificationDataModule) -> int | None:
     names = data.find_classes()
     return None if names is None else len(names)
+
+
+# Scheduler options that count steps or epochs: 0 divides by zero once the first epoch has trained.
+SCHEDULER_COUNTS = ("T_max", "T_0", "step_size", "total_steps", "steps_per_epoch")
+
+
+def _check_numbers(config: Namespace) -> None:
+    """Refuse optimizer and scheduler numbers that cannot work, before anything trains: a value
+    that is not finite, a negative learning rate, a step count below 1."""
+    for section in ("optimizer", "lr_scheduler"):
+        init_args = config.get(f"{section}.init_args")
+        for key, value in (vars(init_args) if isinstance(init_args, Namespace) else {}).items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if number and not math.isfinite(value):
+                raise CaltechError(f"{section}.{key} {value} is not a number. Fix: pass a finite --{section}.{key}.")
+            if number and section == "lr_scheduler" and key in SCHEDULER_COUNTS and value < 1:
+                raise CaltechError(
+                    f"lr_scheduler.{key} {value} cannot work: it must be 1 or more. "
+                    f"Fix: pass --lr_scheduler.{key} 1 or more."
+                )
+    lr = config.get("optimizer.init_args.lr")
+    if isinstance(lr, (int, float)) and lr < 0:
+        raise CaltechError(f"optimizer.lr {lr} is negative. Fix: pass a positive --optimizer.lr, like 0.001.")
 
 
 class CaltechCLI(LightningCLI):
@@ -99,16 +125,22 @@ class CaltechCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer; on a CUDA device float32 matrix products may use TensorFloat-32, which
-        Hopper and Ampere tensor cores run many times faster at the precision training needs."""
+        Hopper and Ampere tensor cores run many times faster at the precision training needs.
+        Checkpoints are written whole (``WholeCheckpointIO``)."""
         trainer = super().instantiate_trainer(**kwargs)
         if isinstance(trainer.accelerator, CUDAAccelerator):
             torch.set_float32_matmul_precision("high")
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user configured
+            trainer.strategy.checkpoint_io = WholeCheckpointIO()
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse, then refuse what cannot work before anything runs: a checkpoint that is not one
-        of ours (or would run code) before LightningCLI reads it, predict without images, a
-        negative learning rate; and say which model options a checkpoint overrides."""
+        """Parse, then refuse what cannot work before anything runs: arguments and configs past the
+        limits of what a config may hold (before they are parsed), a checkpoint that is not one of
+        ours (or would run code) before LightningCLI reads it, predict without images, numbers that
+        cannot train; and say which model options a checkpoint overrides."""
+        if args is None or isinstance(args, list):
+            check_arguments(sys.argv[1:] if args is None else [str(arg) for arg in args])
         super().parse_arguments(parser, args)
         self.checkpoint_options: dict[str, Any] | None = None
         subcommand = self.config.get("subcommand")
@@ -117,9 +149,7 @@ class CaltechCLI(LightningCLI):
         config = self.config[subcommand]
         if subcommand == "predict" and config.get("data.init_args.predict_dir") is None:
             raise CaltechError("predict needs images. Fix: pass --data.predict_dir <folder or image>.")
-        lr = config.get("optimizer.init_args.lr")
-        if isinstance(lr, (int, float)) and lr < 0:
-            raise CaltechError(f"optimizer.lr {lr} is negative. Fix: pass a positive --optimizer.lr, like 0.001.")
+        _check_numbers(config)
         if config.get("ckpt_path"):
             self.checkpoint_options = read_checkpoint(Path(config.ckpt_path), MODEL_OPTIONS)["hyper_parameters"]
             self._say_which_options_win(config.model, self.checkpoint_options)
@@ -159,6 +189,7 @@ class CaltechCLI(LightningCLI):
 def _show_our_messages() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(EscapeArguments())
     package = logging.getLogger("caltech_cli")
     package.addHandler(handler)
     package.setLevel(logging.INFO)
@@ -191,8 +222,40 @@ DESCRIPTION = (
 )
 
 
+# What a config or an option may name as a class or a function (a class path, an lr_lambda, a
+# LambdaCallback hook): these packages, and those the machine's user adds in CALTECH_TRUSTED_IMPORTS
+# (comma-separated). So a config from a stranger can neither import a module of its choosing, which
+# runs its top-level code before any type is checked, nor hand an option a function such as
+# os._exit, os.umask or builtins.print.
+TRUSTED_IMPORTS = (
+    "caltech_cli",
+    "torch",
+    "torchvision",
+    "torchmetrics",
+    "pytorch_lightning",
+    "lightning",
+    "lightning_fabric",
+    "timm",
+    "math",
+)
+
+
+def trust_only_known_imports() -> None:
+    """Deny every import path a config names but those of ``TRUSTED_IMPORTS`` (jsonargparse's
+    import path policy, enforced before anything is imported)."""
+    extra = [name.strip() for name in os.environ.get("CALTECH_TRUSTED_IMPORTS", "").split(",") if name.strip()]
+    try:
+        set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=[*TRUSTED_IMPORTS, *extra])
+    except ValueError as error:
+        raise CaltechError(
+            f"CALTECH_TRUSTED_IMPORTS={os.environ['CALTECH_TRUSTED_IMPORTS']!r} cannot be used ({error}). "
+            "Fix: set it to module names separated by commas, like my_callbacks,my_package."
+        ) from error
+
+
 def make_cli(args: ArgsType = None, run: bool = True) -> CaltechCLI:
     """Build (and with ``run``, run) the CLI; without ``run`` the arguments take no subcommand."""
+    trust_only_known_imports()
     return CaltechCLI(
         TransferClassifier,
         ImageClassificationDataModule,
@@ -240,7 +303,7 @@ def main(args: list[str] | None = None) -> None:
             raise
         # Raised in a DataLoader worker, it arrives wrapped in the worker's traceback: keep the message.
         message = str(caltech_error).rsplit(f"{CaltechError.__name__}: ", 1)[-1].strip()
-        print(f"caltech: error: {message}", file=sys.stderr)
+        print(f"caltech: error: {shown(message)}", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:
         raise SystemExit(128 + signal.SIGTERM) from None

@@ -18,8 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from caltech_cli.errors import CaltechError
-from caltech_cli.files import writable_folder
+from caltech_cli.files import text_written, writable_folder, write_text
 from caltech_cli.history import HISTORY, read_history
+from caltech_cli.report.pictures import save
 from caltech_cli.text import printable, text_cell
 
 # Top-1 and mean per-class accuracy side by side: Caltech-101 is imbalanced, and papers report the latter.
@@ -44,7 +45,8 @@ def read_test_metrics(run: Path) -> dict[str, float]:
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
         return {str(k): float(v) for k, v in metrics.items()}
-    except (ValueError, TypeError, AttributeError) as error:  # JSON and UTF-8 errors are ValueErrors
+    # JSON and UTF-8 errors are ValueErrors; RecursionError: nested too deep to be ours.
+    except (ValueError, TypeError, AttributeError, RecursionError) as error:
         raise CaltechError(
             f"{path} is damaged ({str(error).splitlines()[0][:120]}): it is not the metrics `caltech test` writes. "
             "Fix: run `caltech test` for that run again, or delete it."
@@ -69,8 +71,7 @@ def compare(runs: list[Path], output: Path) -> list[Path]:
     fig.suptitle("Runs compared: " + " vs ".join(names.values()))
     fig.tight_layout()
     picture = output / "comparison.png"
-    fig.savefig(picture, dpi=110)
-    plt.close(fig)
+    save(fig, picture, 110, "output")
 
     header = ["run", "epochs", *(f"best {key}" for key in VAL_COLUMNS), *TEST_COLUMNS]
     rows = []
@@ -80,12 +81,13 @@ def compare(runs: list[Path], output: Path) -> list[Path]:
         cells = [names[run], str(len(history)), *("" if value is None else f"{value:.4f}" for value in best)]
         rows.append(cells + [f"{test[c]:.4f}" if c in test else "" for c in TEST_COLUMNS])
     table_csv = output / "comparison.csv"
-    with open(table_csv, "w", newline="", encoding="utf-8") as f:
+    with text_written(table_csv, "output") as f:
         csv.writer(f).writerows([header, *([text_cell(row[0]), *row[1:]] for row in rows)])
     table_md = output / "comparison.md"
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell or "–" for cell in row) + " |" for row in rows]
-    table_md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # A "|" in a run's name would end its cell.
+    lines += ["| " + " | ".join((cell or "–").replace("|", "\\|") for cell in row) + " |" for row in rows]
+    write_text(table_md, "\n".join(lines) + "\n", "output")
     return [picture, table_md, table_csv]
 
 

@@ -9,6 +9,7 @@ to look for in archives, known checksums).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -145,8 +146,8 @@ class ImageClassificationDataModule(LightningDataModule):
             (
                 "split",
                 split,
-                split is None or (min(split) >= 0 and sum(split) > 0),
-                "three sizes of 0 or more, not all 0, like [70, 10, 20]",
+                split is None or (all(map(math.isfinite, split)) and min(split) >= 0 and sum(split) > 0),
+                "three finite sizes of 0 or more, not all 0, like [70, 10, 20]",
             ),
             (
                 "crop_scale",
@@ -155,6 +156,13 @@ class ImageClassificationDataModule(LightningDataModule):
                 "[smallest, largest] area fraction with 0 < smallest <= largest <= 1, like [0.5, 1.0]",
             ),
             ("cache_views", cache_views, cache_views >= 0, "0 (the evaluation transform) or a number of views"),
+            (
+                "max_extract_gb",
+                max_extract_gb,
+                math.isfinite(max_extract_gb) and max_extract_gb > 0,
+                "above 0, like 20",
+            ),
+            ("max_extract_files", max_extract_files, max_extract_files >= 1, "1 or more"),
         )
         source = source or self.default_source
         if source is None:
@@ -276,12 +284,12 @@ class ImageClassificationDataModule(LightningDataModule):
         )
 
     def teardown(self, stage: str) -> None:
-        """Say which image files were skipped because they could not be read (``skip_bad_images``)."""
+        """Say which image files were left out because they could not be read (``skip_bad_images``)."""
         skipped = [path for part in self.splits.values() for path in part.skipped()]
         if skipped:
             log.warning(
-                "Skipped %d image files that could not be read (the next image of the class took each one's "
-                "place): %s. Fix: remove or replace them.",
+                "Left out %d image files that could not be read (they count in no metric): %s. Fix: remove or "
+                "replace them.",
                 len(skipped),
                 ", ".join(map(str, skipped[:10])),
             )

@@ -36,9 +36,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm import tqdm
 
 from caltech_cli.devices import Extractor, full_batch, warm_up
-from caltech_cli.files import folder_lock
+from caltech_cli.files import folder_lock, written_whole
 from caltech_cli.images import LabelledImages
 from caltech_cli.loading import loader_workers
+from caltech_cli.metrics import LEFT_OUT
 from caltech_cli.transforms import Preprocessing, eval_transform, flipped_eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -121,24 +122,26 @@ def compute_features(
     num_workers: int,
     crop_size: int,
     desc: str,
-) -> list[torch.Tensor]:
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run ``extract`` over the datasets, one after the other through one loader (its workers
-    start once, and keep decoding across the seams); returns each one's (len, width) on the CPU.
+    start once, and keep decoding across the seams); returns each one's (len, width) features on
+    the CPU and the labels the pass saw (``LEFT_OUT`` for images that could not be read).
 
     The features stay on the device until the pass ends, so copying them back never stalls it.
     """
     loader = DataLoader(
         ConcatDataset(datasets), batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
     )
-    chunks = []
+    chunks, seen = [], []
     with torch.inference_mode(), tqdm(total=len(loader.dataset), desc=desc, unit="img") as bar:
         batches = iter(loader)
         warm_up(extract, device, batch_size, crop_size)
-        for images, _ in batches:
+        for images, labels in batches:
             chunks.append(extract(full_batch(images.to(device, non_blocking=True), batch_size))[: len(images)].float())
+            seen.append(labels)
             bar.update(len(images))
-    features = torch.cat(chunks).cpu()
-    return list(features.split([len(dataset) for dataset in datasets]))
+    sizes = [len(dataset) for dataset in datasets]
+    return list(zip(torch.cat(chunks).cpu().split(sizes), torch.cat(seen).split(sizes)))
 
 
 def _key(split: CachedSplit, backbone: str, preprocessing: Preprocessing, precision: str) -> dict:
@@ -170,9 +173,17 @@ def _load_cache(path: Path, key: dict, dataset: LabelledImages, views: int, name
             and labels.dtype == torch.long
             and features.dim() == 3
             and tuple(features.shape[:2]) == (views, len(dataset))
-            and labels.tolist() == list(dataset.labels)
+            and all(stored in (label, LEFT_OUT) for stored, label in zip(labels.tolist(), dataset.labels))
         ):
             raise ValueError("it holds other features than this key's")
+        left_out = [i for i, label in enumerate(labels.tolist()) if label == LEFT_OUT]
+        if left_out and not dataset.skip_bad:
+            raise ValueError(
+                f"it was computed leaving out {len(left_out)} images that could not be read (data.skip_bad_images), "
+                "and this run does not skip them"
+            )
+        for index in left_out:  # named at the end of the run, as if this run had found them
+            dataset.failed[index] = 1
     # A cache is only a copy: whatever is wrong with the file, the features are computed again.
     except Exception as error:
         reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
@@ -240,12 +251,13 @@ def cached_features(
         seconds = time.perf_counter() - start
         images = sum(split.views * len(split.dataset) for split in missing)
         for split in missing:
-            features = torch.stack([next(computed) for _ in range(split.views)])
-            labels = torch.as_tensor(list(split.dataset.labels), dtype=torch.long)
+            views = [next(computed) for _ in range(split.views)]
+            features = torch.stack([view for view, _ in views])
+            # An image that could not be read in any view is left out of all of them.
+            labels = torch.stack([seen for _, seen in views]).min(dim=0).values.long()
             path, key = paths[split.name]
-            partial = path.with_name(path.name + ".part")
-            torch.save({"features": features, "labels": labels, "key": json.dumps(key)}, partial)
-            os.replace(partial, path)
+            with written_whole(path, "data.cache_dir") as scratch:
+                torch.save({"features": features, "labels": labels, "key": json.dumps(key)}, scratch)
             found[split.name] = CachedFeatures(features, labels)
         log.info(
             "Cached %s features of %d images in %s (%.1f s on %s, %.0f images/s)",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from caltech_cli.errors import CaltechError
+from caltech_cli.files import files_under
 from caltech_cli.images import IMAGE_EXTENSIONS, NOT_AN_IMAGE, image_problem
 from caltech_cli.text import printable
 
@@ -69,6 +70,12 @@ def read_layout(root: Path, wanted: Sequence[str] | None = None) -> Layout:
                 "Fix: add training images of them, or remove those folders."
             )
     if wanted is not None:
+        repeated = sorted({name for name in wanted if list(wanted).count(name) > 1})
+        if repeated:
+            raise CaltechError(
+                f"data.classes names {', '.join(repeated)} more than once: each class is one folder and one label. "
+                "Fix: name each class once."
+            )
         missing = sorted(set(wanted) - set(found))
         if missing:
             raise CaltechError(
@@ -114,10 +121,10 @@ def scan(folder: Path, classes: Sequence[str], inside: Path, skip_bad: bool) -> 
     resolved = inside.resolve()
     files, labels, ignored, bad, outside = [], [], [], [], []
     for label, name in enumerate(classes):
-        # rglob does not descend into linked folders: only a linked file, class or split folder
-        # can lead outside, and only their files need resolving.
+        # files_under does not descend into linked folders: only a linked file, class or split
+        # folder can lead outside, and only their files need resolving.
         linked = folder.is_symlink() or (folder / name).is_symlink()
-        for path in sorted(p for p in (folder / name).rglob("*") if p.is_file()):
+        for path in files_under(folder / name):
             if (linked or path.is_symlink()) and not path.resolve().is_relative_to(resolved):
                 outside.append(path)
                 continue
@@ -138,10 +145,10 @@ def scan(folder: Path, classes: Sequence[str], inside: Path, skip_bad: bool) -> 
         log.warning("Not following %d symbolic links that lead outside %s: %s", len(outside), inside, shown)
     if bad:
         if skip_bad:
-            log.warning("Skipping %d image files that cannot be used:\n  %s", len(bad), "\n  ".join(bad))
+            log.warning("Skipping %d image files that cannot be used: %s", len(bad), "; ".join(bad))
         else:
             if len(bad) > SHOWN_PROBLEMS:
-                log.error("Image files that cannot be used:\n  %s", "\n  ".join(bad))
+                log.error("Image files that cannot be used: %s", "; ".join(bad))
             more = f"; and {len(bad) - SHOWN_PROBLEMS} more, listed above" if len(bad) > SHOWN_PROBLEMS else ""
             raise CaltechError(
                 f"{len(bad)} image files under {folder} cannot be used: {'; '.join(bad[:SHOWN_PROBLEMS])}{more}. "

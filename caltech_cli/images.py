@@ -19,6 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from caltech_cli.errors import CaltechError
+from caltech_cli.files import files_under
+from caltech_cli.metrics import LEFT_OUT
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,11 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 NOT_AN_IMAGE = "not an image"
 # What opening or decoding a bad image file raises (PIL's bomb error is none of the others).
 UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+# Pixels an image may hold once its short side is resized for the backbone: a sliver of 1 x 400,000
+# pixels, 128 bytes as a PNG, would take gigabytes there (2**25 pixels is 100 MB as RGB).
+MAX_RESIZED_PIXELS = 1 << 25
+# The short side the scan judges an image's shape by: the smallest resize of the usual preprocessing.
+SCAN_SHORT_SIDE = 224
 # The bytes an intact file of these formats ends with (allowing some trailing padding).
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 
@@ -38,6 +45,23 @@ def _ends_intact(path: Path, marker: bytes) -> bool:
     with open(path, "rb") as f:
         f.seek(max(0, path.stat().st_size - 64))
         return marker in f.read()
+
+
+def size_problem(size: tuple[int, int], short_side: int | None = None) -> str | None:
+    """Why an image of ``size`` (width, height) costs more than it is worth, or None: over PIL's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, which PIL itself only warns about below
+    twice its value), or, with its short side resized to ``short_side``, over
+    :data:`MAX_RESIZED_PIXELS`."""
+    width, height = size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        return f"{width} x {height} pixels, over PIL's decompression-bomb limit of {limit:,}"
+    if short_side and min(width, height) and short_side**2 * max(size) / min(size) > MAX_RESIZED_PIXELS:
+        return (
+            f"{width} x {height} pixels, too thin: resized to a short side of {short_side} it would be over "
+            f"{MAX_RESIZED_PIXELS:,}"
+        )
+    return None
 
 
 def image_problem(path: Path) -> str | None:
@@ -53,13 +77,15 @@ def image_problem(path: Path) -> str | None:
         if path.stat().st_size == 0:
             return "empty file"
         with Image.open(path) as image:
-            kind = image.format
+            kind, size = image.format, image.size
     except Image.DecompressionBombError as error:
         return f"over PIL's decompression-bomb limit ({error})"
     except UnidentifiedImageError:
         return NOT_AN_IMAGE
     except (OSError, ValueError, SyntaxError) as error:
         return f"unreadable ({error})"
+    if size_problem(size, SCAN_SHORT_SIDE) is not None:
+        return size_problem(size, SCAN_SHORT_SIDE)
     if kind in END_MARKERS and not _ends_intact(path, END_MARKERS[kind]):
         return f"truncated {kind} (its end is missing)"
     if kind != "JPEG":
@@ -97,11 +123,16 @@ def load_rgb(path: Path, min_size: int | None = None) -> Image.Image:
     """Open an image as upright RGB.
 
     With ``min_size`` a JPEG is decoded at a reduced scale (PIL's ``draft``) that still keeps
-    both sides at least ``min_size``: large photos then cost a fraction of a full decode.
+    both sides at least ``min_size``: large photos then cost a fraction of a full decode. An image
+    that would cost more than it is worth decoded, or resized to ``min_size`` (``size_problem``),
+    is refused before it is decoded.
     """
     with Image.open(path) as image:
         if min_size is not None and image.format == "JPEG":
             image.draft(image.mode, (min_size, min_size))
+        problem = size_problem(image.size, min_size)
+        if problem is not None:
+            raise Image.DecompressionBombError(problem)
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
 
@@ -110,7 +141,7 @@ def find_images(folder: Path) -> list[Path]:
     """Image files (by extension) under ``folder``, recursively and sorted; a file is itself."""
     if folder.is_file():
         return [folder]
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return [path for path in files_under(folder) if path.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def images_to_predict(predict_dir: str | None) -> list[Path]:
@@ -135,10 +166,11 @@ class LabelledImages(Dataset):
 
     The scan before training catches nearly every bad file, not all (a PNG whose data is damaged
     under intact checksums, a file changed since). Without ``skip_bad`` such a file stops the run
-    with its name. With it, the file is skipped: the next readable image of its class takes its
-    place, so batches keep their size and labels, features and reports stay aligned with
-    ``files``; :meth:`skipped` lists it afterwards. ``failed`` holds a flag per file in shared
-    memory, which loader workers inherit, so their findings reach the main process.
+    with its name. With it, the file is left out: its item is a blank image labelled
+    :data:`LEFT_OUT`, which the loss and every metric ignore (``ignore_index``), so it counts in
+    nothing and no other image is counted in its place; batches, cached features and reports stay
+    aligned with ``files``, and :meth:`skipped` names it afterwards. ``failed`` holds a flag per
+    file in shared memory, which loader workers inherit, so their findings reach the main process.
     """
 
     files: Sequence[Path]
@@ -156,21 +188,10 @@ class LabelledImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        label = self.labels[index]
         image = None if self.failed[index] else self._load(index)
-        if image is None:
-            count = len(self.files)
-            for other in ((index + step) % count for step in range(1, count)):
-                if self.labels[other] == label and not self.failed[other]:
-                    image = self._load(other)
-                    if image is not None:
-                        break
-            else:
-                raise CaltechError(
-                    f"no image labelled {label} can be read (the last tried: {self.files[index]}). Fix: remove or "
-                    "replace the damaged files of that class."
-                )
-        return self.transform(image), label
+        if image is None:  # left out: a blank image of the transform's shape, in no metric
+            return self.transform(Image.new("RGB", (self.min_size or 32,) * 2)), LEFT_OUT
+        return self.transform(image), self.labels[index]
 
     def _load(self, index: int) -> Image.Image | None:
         """The image at ``index``; None when it cannot be read and bad images are skipped."""
@@ -180,19 +201,17 @@ class LabelledImages(Dataset):
             if not self.skip_bad:
                 raise CaltechError(
                     f"cannot read image {self.files[index]}: {error}. Fix: remove or replace it, or pass "
-                    "--data.skip_bad_images true to skip such files."
+                    "--data.skip_bad_images true to leave such files out."
                 ) from error
             if not self.failed[index]:
                 log.warning(
-                    "Skipping %s, which cannot be read (%s); the next image of its class takes its place",
-                    self.files[index],
-                    error,
+                    "Leaving out %s, which cannot be read (%s): it counts in no metric", self.files[index], error
                 )
             self.failed[index] = 1
             return None
 
     def skipped(self) -> list[Path]:
-        """The files skipped so far because they could not be read, in any process."""
+        """The files left out so far because they could not be read, in any process."""
         return [path for path, failed in zip(self.files, self.failed) if failed]
 
 

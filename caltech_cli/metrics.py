@@ -7,13 +7,18 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+# The label of an image left out because it could not be read (``data.skip_bad_images``): PyTorch's
+# ``ignore_index``, which cross-entropy ignores by default and every metric here is told to.
+LEFT_OUT = -100
+
 
 def stage_metrics(num_classes: int) -> dict[str, MetricCollection]:
     """The metrics of each stage, logged as ``<stage>/<name>``: train ``acc``; val ``acc`` and
-    ``acc_macro``; test ``acc``, ``acc_top5`` and ``acc_macro``."""
+    ``acc_macro``; test ``acc``, ``acc_top5`` and ``acc_macro``; images labelled ``LEFT_OUT``
+    count in none."""
 
     def accuracy(**kwargs: object) -> MulticlassAccuracy:
-        return MulticlassAccuracy(num_classes=num_classes, **kwargs)
+        return MulticlassAccuracy(num_classes=num_classes, ignore_index=LEFT_OUT, **kwargs)
 
     return {
         "train": MetricCollection({"acc": accuracy(average="micro")}, prefix="train/"),

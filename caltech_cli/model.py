@@ -16,7 +16,7 @@ from torchmetrics import MetricCollection
 from caltech_cli.backbones import resolve_backbone
 from caltech_cli.devices import CPU_BATCH, full_batch, warm_up
 from caltech_cli.errors import CaltechError
-from caltech_cli.metrics import inverse_frequency, stage_metrics
+from caltech_cli.metrics import LEFT_OUT, inverse_frequency, stage_metrics
 
 
 class TransferClassifier(LightningModule):
@@ -84,6 +84,9 @@ class TransferClassifier(LightningModule):
         # The training epoch's loss summed over its images so far, and their count (``training_step``).
         self._train_loss_sum: torch.Tensor | None = None
         self._train_images = 0
+        # The images of the step just taken that count (an image left out because it cannot be read
+        # counts in nothing).
+        self._step_counted = 0
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -169,19 +172,39 @@ class TransferClassifier(LightningModule):
         counts = torch.bincount(torch.as_tensor(list(train_set.labels)), minlength=len(self.class_names or []))
         self.loss_weights = inverse_frequency(counts, 1.0 if self.class_weights == "inverse" else 0.5).to(self.device)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, training: bool) -> torch.Tensor:
+    def _counted_in(self, labels: torch.Tensor) -> int:
+        """How many of ``labels`` count in the loss and the metrics. Only a data module that leaves
+        unreadable images out (``data.skip_bad_images``) has labels that do not (``LEFT_OUT``), and
+        only then are they counted, which makes a step wait for the device."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if datamodule is not None and getattr(datamodule, "skip_bad_images", None) is False:
+            return len(labels)
+        return int((labels != LEFT_OUT).sum())
+
+    def loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, training: bool, counted: int | None = None
+    ) -> torch.Tensor:
         """Cross-entropy; in training with the class weights and label smoothing, so that val and
-        test losses stay comparable between runs."""
-        if not training:
-            return F.cross_entropy(logits, labels)
-        return F.cross_entropy(logits, labels, weight=self.loss_weights, label_smoothing=self.label_smoothing)
+        test losses stay comparable between runs. Images left out (``LEFT_OUT``) count in no mean,
+        and a batch of nothing but those has a loss of 0 (PyTorch's mean would be 0/0)."""
+        weight = self.loss_weights if training else None
+        smoothing = self.label_smoothing if training else 0.0
+        if counted is None or counted == len(labels):
+            return F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
+        per_image = F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing, reduction="none")
+        counts = labels != LEFT_OUT
+        if weight is not None:
+            counts = weight[labels.clamp_min(0)] * counts
+        return per_image.sum() / counts.sum().clamp_min(torch.finfo(per_image.dtype).tiny)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
+        counted = self._counted_in(labels)
         logits = self(images)
-        loss = self.loss(logits, labels, training=stage == "train")
+        loss = self.loss(logits, labels, training=stage == "train", counted=counted)
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
         metrics.update(logits, labels)
+        self._step_counted = counted
         if stage != "train":
             self.log(
                 f"{stage}/loss",
@@ -189,10 +212,10 @@ class TransferClassifier(LightningModule):
                 on_step=False,
                 on_epoch=True,
                 prog_bar=True,
-                batch_size=len(labels),
+                batch_size=max(counted, 1),
                 sync_dist=True,
             )
-            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(labels))
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=max(counted, 1))
         return loss, logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -205,7 +228,7 @@ class TransferClassifier(LightningModule):
         as before.
         """
         loss = self._step(batch, "train")[0]
-        images = len(batch[1])
+        images = self._step_counted
         weighted = loss.detach().float() * images  # summed in float32 whatever the trainer's precision
         self._train_loss_sum = weighted if self._train_loss_sum is None else self._train_loss_sum + weighted
         self._train_images += images

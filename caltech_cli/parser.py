@@ -1,13 +1,20 @@
-"""The command line's parser: LightningCLI's, with jsonargparse's errors as one line each."""
+"""The command line's parser: LightningCLI's, with jsonargparse's errors as one line each, and the
+limits of what a config or an option may hold."""
 
 from __future__ import annotations
 
 import os
 import re
 import sys
+from pathlib import Path
 from typing import NoReturn
 
+import yaml
 from pytorch_lightning.cli import LightningArgumentParser
+
+from caltech_cli.errors import CaltechError
+from caltech_cli.files import kind_of
+from caltech_cli.text import shown
 
 
 def _indent(line: str) -> int:
@@ -19,6 +26,14 @@ def one_line(message: str) -> str:
     the value given and what it must be."""
     if "compute_fn" in message and " failed: " in message:  # our own message, raised in a link
         return message.split(" failed: ", 1)[1].strip()
+    denied = re.search(r"Importing '([\w.]+)' is not allowed", message)
+    if denied:  # the import path policy (cli.TRUSTED_IMPORTS), wherever in a union it was met
+        option = re.match(r'\s*Parser key "([^"]+)"', message)
+        return (
+            f"{'--' + option[1] + ': ' if option else ''}{denied[1]} is not in a package caltech lets a config "
+            "import. Fix: name a class or function of torch, Lightning, torchmetrics, timm or caltech_cli, or "
+            "add its package to CALTECH_TRUSTED_IMPORTS (comma-separated) if you trust it."
+        )
     keys: list[str] = []
     lines = [line for line in message.splitlines() if line.strip()]
     while lines:  # down to the innermost problem: Parser key "data" > class_path > Parser key "batch_size"
@@ -67,5 +82,67 @@ class CaltechArgumentParser(LightningArgumentParser):
         if "Fix:" not in line:
             prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
             line += f". Fix: `{prog} --help` lists the options and their types."
-        print(f"caltech: error: {line}", file=sys.stderr)
+        print(f"caltech: error: {shown(line)}", file=sys.stderr)
         raise SystemExit(2)
+
+
+# What a config file or an option value may hold: a megabyte, and no more values than this once its
+# YAML aliases are expanded (a "billion laughs" of 446 bytes expands to 10**9 and takes a minute and
+# gigabytes before anything can say so).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """How many values a YAML node stands for once its aliases are expanded (counting stops past
+    ``limit``), without recursion: an alias is its anchored node again."""
+    sizes: dict[int, int] = {}
+    stack = [(node, False)]
+    while stack:
+        current, done = stack.pop()
+        if id(current) in sizes:
+            continue
+        children = current.value if isinstance(current, yaml.CollectionNode) else []
+        children = [part for pair in children for part in pair] if isinstance(current, yaml.MappingNode) else children
+        if done:
+            sizes[id(current)] = min(limit + 1, 1 + sum(sizes[id(child)] for child in children))
+        else:
+            stack.append((current, True))
+            stack += [(child, False) for child in children if id(child) not in sizes]
+    return sizes[id(node)]
+
+
+def check_config_text(text: str, where: str) -> None:
+    """Refuse a config or an option value larger than the limits, before anything parses it."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise CaltechError(
+            f"{where} holds {len(text):,} characters, over the limit of {MAX_CONFIG_BYTES:,}. Fix: shorten it."
+        )
+    if not any(mark in text for mark in "&*[{:-"):  # a plain scalar: nothing nests or expands
+        return
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError:
+        return  # not YAML: the parser's own error says what it expected
+    except RecursionError:
+        raise CaltechError(f"{where} nests its values too deep to read. Fix: flatten it.") from None
+    if sum(_expanded_size(node, MAX_CONFIG_VALUES) for node in nodes if node is not None) > MAX_CONFIG_VALUES:
+        raise CaltechError(
+            f"{where} expands to more than {MAX_CONFIG_VALUES:,} values through its YAML aliases (*name). "
+            "Fix: write the values out, without nested aliases."
+        )
+
+
+def check_arguments(args: list[str]) -> None:
+    """Check every argument, and every config file named, against the limits of what a config may
+    hold; a file is read only if it is a regular one, and never past the limit."""
+    for previous, arg in zip(["", *args], args):
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        path = Path(value)
+        named = previous in ("-c", "--config") or value.endswith(CONFIG_SUFFIXES)
+        if named and kind_of(path, follow=True) is None and path.is_file():
+            with open(path, encoding="utf-8", errors="replace") as file:
+                check_config_text(file.read(MAX_CONFIG_BYTES + 1), f"config {path}")
+        else:
+            check_config_text(value, f"option value {value[:40]!r}")

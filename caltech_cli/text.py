@@ -1,13 +1,18 @@
 """Names from disk and the network as text that is safe to print and to write: file names that
-are not valid UTF-8, control characters that would break a message's one line, and CSV cells
-that a spreadsheet would run as formulas."""
+are not valid UTF-8, control characters that would break a message's one line or drive a
+terminal, and CSV cells that a spreadsheet would run as formulas."""
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import PurePath
 
-# A cell that starts with one of these is a formula to a spreadsheet (OWASP, "CSV Injection").
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# A cell whose text (past any leading white space) starts with one of these is a formula to a
+# spreadsheet (OWASP, "CSV Injection"), fullwidth forms included, which some spreadsheets read as
+# the operators.
+FORMULA_STARTS = tuple("=+-@|") + tuple("＝＋－＠｜")
+WHITE_SPACE = " \t\r\n"
 
 
 def printable(name: str) -> str:
@@ -20,13 +25,31 @@ def printable(name: str) -> str:
 
 
 def escaped(text: str) -> str:
-    """``text`` with its control characters escaped (``\\n``, ``\\x1b``), so a message stays one line."""
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``), so a message stays one
+    line and a name cannot move the terminal's cursor or forge a ``caltech: error:`` line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def shown(name: object) -> str:
+    """A file or class name as it may be printed: valid UTF-8, control characters escaped."""
+    return escaped(printable(str(name)))
 
 
 def text_cell(value: str) -> str:
     """A name or message as a CSV cell that a spreadsheet shows as text and never runs: a cell
-    starting with ``= + - @``, a tab or a carriage return gets a leading single quote (OWASP's
-    advice for CSV injection). Numbers we format ourselves are written as they are."""
-    shown = printable(value)
-    return "'" + shown if shown.startswith(FORMULA_STARTS) else shown
+    that starts with white space or, past it, with ``= + - @ |`` (or their fullwidth forms) gets a
+    leading single quote (OWASP's advice for CSV injection). Numbers we format ourselves are
+    written as they are."""
+    cell = printable(value)
+    risky = cell[:1] in WHITE_SPACE or cell.lstrip(WHITE_SPACE).startswith(FORMULA_STARTS)
+    return "'" + cell if cell and risky else cell
+
+
+class EscapeArguments(logging.Filter):
+    """Escape the names in a log record's arguments (``log.info("... %s", path)``), which come
+    from disk, archives and servers, so that no name prints control characters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(shown(a) if isinstance(a, (str, PurePath)) else a for a in record.args)
+        return True

@@ -10,6 +10,7 @@ inputs; ``real_data`` for the opt-in checks on the real archive (``--real-data``
 from __future__ import annotations
 
 import csv
+import errno
 import http.server
 import io
 import logging
@@ -25,6 +26,8 @@ import threading
 import time
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -32,11 +35,13 @@ from unittest import mock
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+import torch
 from PIL import Image, ImageDraw
 
 from caltech_cli.backbones import preprocessing_for
 from caltech_cli.cli import main
 from caltech_cli.data import Caltech101DataModule
+from caltech_cli.files import remove_tree
 from caltech_cli.sources import extract
 from caltech_cli.transforms import Preprocessing
 
@@ -52,6 +57,8 @@ REPO = Path(__file__).resolve().parents[1]
 TRANSFER = str(REPO / "configs" / "transfer.yaml")
 SCRATCH = str(REPO / "configs" / "scratch.yaml")
 FINETUNE = str(REPO / "configs" / "finetune.yaml")
+# A config and a checkpoint written by caltech 0.1.0 (tiny: timm's test ConvNeXt); see its README.
+FIXTURE = Path(__file__).parent / "fixtures" / "v0.1.0"
 REAL_ARCHIVE = REPO.parent / "shared/data/caltech101/101_ObjectCategories.tar.gz"
 
 
@@ -233,6 +240,15 @@ def predicting(run: TrainedRun, tmp_path: Path, checkpoint: Path | None = None) 
     ]  # fmt: skip
 
 
+def old_checkpoint(tmp_path: Path, command: str, *more: str) -> list[str]:
+    """``caltech <command>`` with the config and checkpoint of ``FIXTURE`` (fast: a tiny model),
+    writing under ``tmp_path/runs``."""
+    return [
+        command, "--config", str(FIXTURE / "config.yaml"), "--ckpt_path", str(FIXTURE / "best.ckpt"),
+        "--data.data_dir", str(tmp_path / "data"), "--trainer.default_root_dir", str(tmp_path / "runs"), *more,
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def trained_run(tar_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     root = tmp_path_factory.mktemp("trained")
@@ -362,6 +378,57 @@ class CreatesFile:
 
     def __reduce__(self):
         return (open, (str(self.path), "w"))
+
+
+def fills_the_disk(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Make every torch.save to a file named with ``where`` stop half-way, as a full disk stops it."""
+    real = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        if where not in str(path):
+            return real(obj, path, *args, **kwargs)
+        real(obj, path, *args, **kwargs)
+        Path(path).write_bytes(Path(path).read_bytes()[:1000])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@contextmanager
+def within(seconds: int) -> Iterator[None]:
+    """Fail the block, instead of hanging the suite, when it does not end within ``seconds``
+    (a FIFO waited on, a limit that does not hold)."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise TimeoutError(f"did not end within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def deep_folder() -> Iterator[Callable[[Path, int], Path]]:
+    """Makes ``root`` with ``depth`` folders nested in it and returns the innermost; removes them
+    after the test (pytest's own clean-up recurses, and fails on such a tree)."""
+    made: list[Path] = []
+
+    def make(root: Path, depth: int) -> Path:
+        folder = root
+        folder.mkdir(parents=True, exist_ok=True)
+        made.append(root)
+        for _ in range(depth):
+            folder = folder / "d"
+            os.mkdir(folder)
+        return folder
+
+    yield make
+    for root in made:
+        remove_tree(root)
 
 
 def as_from_a_terminal() -> None:

@@ -210,7 +210,7 @@ def test_fit_test_predict_export_with_weights_from_the_hub_cache(tar_archive, tm
     session = onnxruntime.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
     exported = torch.from_numpy(session.run(None, {"images": resized(paths, pre).numpy()})[0])
     torch.testing.assert_close(exported, expected, atol=1e-5, rtol=1e-4)
-    assert json.loads(onnx.with_suffix(".json").read_text())["backbone"] == f"timm/{VIT}"
+    assert json.loads(onnx.with_name(onnx.name + ".json").read_text())["backbone"] == f"timm/{VIT}"
 
     scripted, difference = export(best, "torchscript", tmp_path / "export" / "model.pt")  # the command's own code
     assert difference < 1e-5
@@ -252,3 +252,29 @@ def test_finetune_unfreezes_timms_blocks(tar_archive, tmp_path):
     assert not torch.equal(last["state_dict"]["backbone.stem.0.weight"], start["stem.0.weight"]), "the stem trained"
     test = run_caltech("test", *options, "--ckpt_path", str(tmp_path / "runs" / "best.ckpt"), cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("leads_out", ["snapshot", "file"])
+def test_a_hub_cache_whose_snapshot_leads_out_of_it_is_one_line(tmp_path, monkeypatch, leads_out):
+    """refs/main names the snapshot to read; a snapshot (or its file) that is a link out of the
+    cache would have weights read from anywhere on the machine."""
+    from huggingface_hub import constants
+
+    outside = tmp_path / "elsewhere" / "model.safetensors"
+    outside.parent.mkdir()
+    save_file(timm_state(CONVNEXT, 0), outside)
+    repo = tmp_path / "hub" / f"models--timm--{CONVNEXT}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    if leads_out == "snapshot":
+        (repo / "snapshots" / commit).symlink_to(outside.parent)
+    else:
+        (repo / "snapshots" / commit).mkdir()
+        (repo / "snapshots" / commit / "model.safetensors").symlink_to(outside)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CaltechError, match=f"leads outside {repo}, to {outside}: it was altered. Fix: delete"):
+        resolve_backbone(f"timm/{CONVNEXT}", "pretrained")

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from caltech_cli.backbones import resolve_backbone
+from caltech_cli.checkpoints import read_checkpoint
 from caltech_cli.errors import CaltechError
+from caltech_cli.model import MODEL_OPTIONS
 
-from conftest import CreatesFile, caltech, one_error, options, predicting, run_caltech
+from conftest import FIXTURE, CreatesFile, caltech, one_error, options, predicting, run_caltech, within
 
 
 @pytest.mark.hostile
@@ -133,3 +137,53 @@ def test_instantiator_in_a_checkpoint_is_never_called(trained_run, tmp_path, cap
     )
     assert status == 0, stderr[-3000:]
     assert not marker.exists() and "evilmod" not in sys.modules
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize(
+    ("state", "says"),
+    [
+        ({0: torch.zeros(2)}, "its entry 0 is not a name with a tensor"),
+        ({"features.0.0.weight": "x"}, "is not a name with a tensor"),
+        ({"features.0.0.weight": torch.zeros(2, dtype=torch.bool)}, "as torch.bool, not as floating-point"),
+        ({"features.0.0.weight": torch.zeros(2, dtype=torch.int8)}, "as torch.int8, not as floating-point"),
+    ],
+    ids=["int-key", "not-a-tensor", "bool", "int8"],
+)
+def test_weights_that_are_not_float_tensors_by_name_are_refused(tmp_path, state, says):
+    """Loading casts whatever number type a file holds into the network's floats, silently."""
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(CaltechError, match=says):
+        resolve_backbone("mobilenet_v2", str(tmp_path / "odd.pth"))
+
+
+@pytest.mark.hostile
+def test_an_int64_kernel_of_the_right_shape_is_refused(tmp_path):
+    network = torchvision.models.mobilenet_v2()
+    state = network.state_dict()
+    state["features.0.0.weight"] = state["features.0.0.weight"].long()
+    torch.save(state, tmp_path / "ints.pth")
+    with pytest.raises(CaltechError, match="holds features.0.0.weight as torch.int64, where the network has floats"):
+        resolve_backbone("mobilenet_v2", str(tmp_path / "ints.pth"))
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("kind", ["device", "FIFO", "folder"])
+def test_weights_that_are_not_a_file_say_what_they_are(tmp_path, kind):
+    path = {"device": Path("/dev/zero"), "FIFO": tmp_path / "fifo.pth", "folder": tmp_path / "folder.pth"}[kind]
+    if kind == "FIFO":
+        os.mkfifo(path)
+    if kind == "folder":
+        path.mkdir()
+    with within(20), pytest.raises(CaltechError, match=f"weights file {path} is a {kind}, not a file"):
+        resolve_backbone("mobilenet_v2", str(path))
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("names", [[], ["only"], ["a", "a"], [1, 2]], ids=["none", "one", "twice", "numbers"])
+def test_a_checkpoint_without_two_class_names_is_refused(tmp_path, names):
+    checkpoint = torch.load(FIXTURE / "best.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["class_names"] = names
+    torch.save(checkpoint, tmp_path / "odd.ckpt")
+    with pytest.raises(CaltechError, match="not two or more distinct names"):
+        read_checkpoint(tmp_path / "odd.ckpt", MODEL_OPTIONS)

@@ -77,8 +77,10 @@ def test_compare_table_cells_cannot_be_formulas(tmp_path, capsys):
         ("val/acc\n0.5\n", "no 'epoch' column"),
         (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "damaged"),
         ("epoch,val/acc\n0,0.5,extra,cells\n", "damaged"),
+        ("epoch,val/acc\ninf,0.5\n", "cannot convert float infinity to integer"),
+        ("epoch,val/acc\n" + "9" * 400 + ",0.5\n", "cannot convert float infinity to integer"),
     ],
-    ids=["not-a-number", "no-epoch", "binary", "extra-cells"],
+    ids=["not-a-number", "no-epoch", "binary", "extra-cells", "inf-epoch", "400-digit-epoch"],
 )
 def test_compare_on_a_damaged_history_is_one_line(tmp_path, capsys, content, says):
     run = write_history(tmp_path / "run", content)
@@ -87,9 +89,22 @@ def test_compare_on_a_damaged_history_is_one_line(tmp_path, capsys, content, say
 
 
 @pytest.mark.hostile
-def test_compare_on_damaged_test_metrics_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "content", ['{"test/acc": 0.9', '{"test/acc": ' + "[" * 100_000 + "]" * 100_000 + "}", '{"test/acc": {"a": 1}}']
+)
+def test_compare_on_damaged_test_metrics_is_one_line(tmp_path, capsys, content):
     run = write_history(tmp_path / "run", "epoch,val/acc\n0,0.5\n")
     (run / "report").mkdir()
-    (run / "report" / "metrics.json").write_text('{"test/acc": 0.9')
+    (run / "report" / "metrics.json").write_text(content)
     line = one_error(*caltech("compare", str(run), "--output", str(tmp_path / "cmp"), capsys=capsys))
     assert f"{run / 'report' / 'metrics.json'} is damaged" in line
+
+
+@pytest.mark.hostile
+def test_run_names_are_text_in_every_output(tmp_path, capsys):
+    """A "$" pair starts matplotlib's math mode, which fails on "x$^$y"; a "|" ends a Markdown cell."""
+    first = write_history(tmp_path / "x$^$y", "epoch,val/acc,val/loss\n0,0.5,1.0\n")
+    second = write_history(tmp_path / "a|b", "epoch,val/acc,val/loss\n0,0.5,2.0\n1,400.0,inf\n")
+    status, stderr = caltech("compare", str(first), str(second), "--output", str(tmp_path / "cmp"), capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    assert "| a\\|b |" in (tmp_path / "cmp" / "comparison.md").read_text()

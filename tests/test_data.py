@@ -15,7 +15,16 @@ import torch
 from caltech_cli.data import ImageFolderDataModule, NotReadYetError
 from caltech_cli.errors import CaltechError
 
-from conftest import CLASSES, damaged_png, data_module, draw, run_caltech, small_run
+from conftest import (
+    CLASSES,
+    csv_rows,
+    damaged_png,
+    data_module,
+    draw,
+    printed_metrics,
+    run_caltech,
+    small_run,
+)
 
 
 def test_each_split_has_its_own_transform(image_folder, tmp_path):
@@ -43,18 +52,22 @@ def test_predict_needs_a_folder_with_images(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.hostile
-def test_image_that_fails_in_training_is_skipped_with_the_option(tmp_path):
-    """The scan passes a PNG whose checksums were made to fit; it fails to decode in the first
-    backbone pass. Without --data.skip_bad_images one line names it and the option, which (as the
-    second run shows) does help: with it the run goes on and counts the file."""
+def test_an_image_that_fails_to_decode_is_left_out_of_every_number(tmp_path):
+    """The scan passes PNGs whose checksums were made to fit; they fail to decode in the backbone
+    pass. Without --data.skip_bad_images one line names one and the option. With it the run goes
+    on, and each bad file counts in no metric: the test report's support is the readable images',
+    its accuracy theirs, no image is counted twice, and the report never opens the bad file. A
+    feature cache computed leaving them out is not reused by a run without the option, which
+    stops at the file as it would have without the cache."""
     rng = np.random.default_rng(3)
-    for split, count in (("train", 4), ("val", 2), ("test", 1)):
+    for split, count in (("train", 4), ("val", 2), ("test", 2)):
         for kind in CLASSES:
             folder = tmp_path / "photos" / split / kind
             folder.mkdir(parents=True)
             for i in range(count):
                 draw(kind, rng).save(folder / f"{i}.jpg")
     bad = damaged_png(tmp_path / "photos" / "train" / "circles" / "bad.png", checksum_intact=True)
+    bad_test = damaged_png(tmp_path / "photos" / "test" / "circles" / "bad.png", checksum_intact=True)
     options = [*small_run(tmp_path, str(tmp_path / "photos")), "--trainer.logger", "false", "--trainer.max_epochs", "1"]
 
     stopping = run_caltech("fit", *options, cwd=tmp_path)
@@ -65,11 +78,26 @@ def test_image_that_fails_in_training_is_skipped_with_the_option(tmp_path):
 
     skipping = run_caltech("fit", *options, "--data.skip_bad_images", "true", cwd=tmp_path)
     assert skipping.returncode == 0, skipping.stderr[-3000:]
-    assert f"Skipping {bad}, which cannot be read" in skipping.stderr
-    assert (
-        f"Skipped 1 image files that could not be read (the next image of the class took each one's place): {bad}"
-        in skipping.stderr
-    )
+    assert f"Leaving out {bad}, which cannot be read" in skipping.stderr
+    assert f"Left out 1 image files that could not be read (they count in no metric): {bad}" in skipping.stderr
+
+    checkpoint = ["--ckpt_path", str(tmp_path / "runs" / "best.ckpt")]
+    tested = run_caltech("test", *options, "--data.skip_bad_images", "true", "--data.tta_flip", "false", *checkpoint,
+                         cwd=tmp_path)  # fmt: skip
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert f"Left out 1 image files that could not be read (they count in no metric): {bad_test}" in tested.stderr
+    rows = {row["class"]: row for row in csv_rows(tmp_path / "runs" / "report" / "per_class.csv")}
+    assert {name: int(row["support"]) for name, row in rows.items()} == dict.fromkeys(CLASSES, 2)
+    printed = printed_metrics(tested.stdout)
+    recall = sum(float(row["recall"]) * 2 for row in rows.values()) / 6
+    assert printed["test/acc"] == pytest.approx(recall, abs=1e-6), "accuracy over the six readable images"
+    shown = {row["path"] for row in csv_rows(tmp_path / "runs" / "report" / "top_losses.csv")}
+    assert str(bad_test) not in shown and len(shown) == 6
+
+    strict = run_caltech("test", *options, "--data.tta_flip", "false", *checkpoint, cwd=tmp_path)
+    assert strict.returncode == 2, strict.stderr[-3000:]
+    assert "computed leaving out 1 images" in strict.stderr, "the cache of the run with the option is not used"
+    assert f"cannot read image {bad_test}" in strict.stderr.splitlines()[-1]
 
 
 def presplit_folder(image_folder: Path, root: Path, val_name: str = "val", with_test: bool = True) -> Path:

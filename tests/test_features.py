@@ -20,7 +20,19 @@ from caltech_cli.images import load_rgb
 from caltech_cli.model import TransferClassifier
 from caltech_cli.transforms import eval_transform, flipped_eval_transform
 
-from conftest import PRE64, CreatesFile, printed_metrics, quiet_trainer, run_caltech, small_data, small_run
+from conftest import (
+    PRE64,
+    CreatesFile,
+    caltech,
+    fills_the_disk,
+    one_error,
+    options,
+    printed_metrics,
+    quiet_trainer,
+    run_caltech,
+    small_data,
+    small_run,
+)
 
 
 @pytest.fixture
@@ -355,3 +367,12 @@ def test_cached_features_come_a_whole_batch_at_a_time_as_item_by_item():
     both = features.CachedFeatures(stored, labels, all_views=True)
     views, batch_labels = both.__getitems__([7, 2])
     assert views.shape == (2, 3, 4) and torch.equal(views[0], stored[:, 7]) and batch_labels.tolist() == [3, 2]
+
+
+@pytest.mark.hostile
+def test_a_disk_that_fills_during_the_cache_write_is_one_line(image_folder, tmp_path, capsys, monkeypatch):
+    """Nothing truncated is left under a name a later run would trust."""
+    fills_the_disk(monkeypatch, ".pt.")
+    line = one_error(*caltech("fit", *options(tmp_path, image_folder), capsys=capsys))
+    assert "cannot write" in line and "feature-cache" in line and "the disk is full" in line
+    assert not [p.name for p in (tmp_path / "data" / "feature-cache").iterdir() if p.name != ".lock"]

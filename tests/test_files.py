@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 import pytest
 
-from conftest import caltech, one_error, options, predicting
+from caltech_cli.errors import CaltechError
+from caltech_cli.files import written_whole
+
+from conftest import caltech, old_checkpoint, one_error, options, predicting, within
 
 
 @pytest.mark.hostile
@@ -54,3 +61,48 @@ def test_output_folder_that_is_a_file_is_refused(trained_run, tmp_path, capsys, 
     line = one_error(*caltech(*args, capsys=capsys))
     assert f"{option}: {blocker} cannot be made a folder (a file is in its way)" in line
     assert blocker.read_text() == "the user's file\n"
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("folder", ["/proc/self", "/sys/kernel", "/dev/shm/x"])
+def test_a_run_folder_in_the_kernels_file_systems_is_refused(image_folder, tmp_path, capsys, folder):
+    """os.access calls them writable; nothing of a run belongs there."""
+    line = one_error(*caltech("fit", *options(tmp_path, image_folder), "--trainer.default_root_dir", folder,
+                              capsys=capsys))  # fmt: skip
+    assert f"trainer.default_root_dir: {folder} is in /" in line
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("where", ["predictions.csv", "predictions.output", "history.csv", "config.yaml"])
+def test_a_fifo_where_an_output_goes_is_one_line_not_a_hang(image_folder, tmp_path, capsys, where):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    fifo = tmp_path / "out.csv" if where == "predictions.output" else runs / where
+    os.mkfifo(fifo)
+    if where in ("predictions.csv", "predictions.output"):
+        more = ["--predictions.output", str(fifo)] if where == "predictions.output" else []
+        args = old_checkpoint(tmp_path, "predict", "--data.predict_dir", str(image_folder / "circles"), *more)
+    else:
+        args = ["fit", *options(tmp_path, image_folder)]
+    with within(60):
+        line = one_error(*caltech(*args, capsys=capsys))
+    assert f"{fifo} is a FIFO, where caltech writes a file" in line
+
+
+@pytest.mark.hostile
+def test_an_output_is_whole_or_absent_when_the_disk_fills(tmp_path, monkeypatch):
+    """A write stopped half-way (the disk full) leaves nothing under the output's name, and an
+    earlier whole file there stays until the new one is whole."""
+    target = tmp_path / "metrics.json"
+    target.write_text("the earlier, whole file")
+
+    def fills_the_disk(self, text, *args, **kwargs):
+        self.write_bytes(text.encode()[: len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", fills_the_disk)
+    full = r"cannot write .*metrics\.json \(the disk is full\); nothing was left"
+    with pytest.raises(CaltechError, match=full), written_whole(target, "report.output") as scratch:
+        scratch.write_text('{"test/acc": 0.9}')
+    assert target.read_text(encoding="utf-8") == "the earlier, whole file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

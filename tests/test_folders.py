@@ -207,3 +207,20 @@ def test_class_folder_name_that_is_not_utf8_is_refused(image_folder, tmp_path, c
     os.rename(os.fsencode(folder / "stripes"), os.fsencode(folder) + b"/str\xffipes")
     line = one_error(*caltech("fit", *options(tmp_path, folder), capsys=capsys))
     assert "str\\xffipes" in line and "not valid UTF-8" in line
+
+
+@pytest.mark.hostile
+def test_a_class_named_twice_is_refused_by_name(image_folder, tmp_path):
+    """Two labels for one folder would put every image of it under both, in train and test alike."""
+    with pytest.raises(CaltechError, match="data.classes names circles more than once"):
+        data_module(image_folder, tmp_path, classes=["circles", "squares", "circles"]).find_classes()
+
+
+@pytest.mark.hostile
+def test_a_folder_tree_too_deep_is_one_line(image_folder, tmp_path, deep_folder):
+    """Python's own walks recurse and fail about a thousand folders down, with a traceback."""
+    top = tmp_path / "copy" / FOLDER
+    shutil.copytree(image_folder, top)
+    shutil.copy(image_folder / "circles" / "image_0001.jpg", deep_folder(top / "circles", 1100) / "deep.jpg")
+    with pytest.raises(CaltechError, match="nested more than 64 deep"):
+        data_module(top, tmp_path).setup("fit")

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 
 from caltech_cli.errors import CaltechError
-from caltech_cli.images import LabelledImages, image_problem, load_rgb, to_rgb
+from caltech_cli.images import LabelledImages, UnlabelledImages, image_problem, images_to_predict, load_rgb, to_rgb
+from caltech_cli.metrics import LEFT_OUT
 from caltech_cli.transforms import eval_transform
 
-from conftest import SMALL, damaged_png, data_module
+from conftest import SMALL, damaged_png, data_module, within
 
 
 def test_greyscale_file_loads_as_rgb(image_folder):
@@ -67,8 +68,11 @@ def test_image_that_fails_in_a_worker_is_named(image_folder, tmp_path):
         dataset[0]
 
 
-def test_image_that_fails_after_the_scan_is_skipped_with_the_option(tmp_path):
-    """A PNG whose checksums were made to fit passes the scan; decoding it fails."""
+@pytest.mark.hostile
+def test_image_that_fails_after_the_scan_is_left_out_with_the_option(tmp_path):
+    """A PNG whose checksums were made to fit passes the scan; decoding it fails. With the option
+    it is left out (a blank image labelled LEFT_OUT, which no loss or metric counts), and no other
+    image stands in for it."""
     good = [tmp_path / f"{i}.png" for i in range(3)]
     for i, path in enumerate(good):
         Image.new("RGB", (40, 40), (80 * i, 20, 30)).save(path)
@@ -82,12 +86,34 @@ def test_image_that_fails_after_the_scan_is_skipped_with_the_option(tmp_path):
 
     skipping = LabelledImages(files, labels, eval_transform(SMALL), skip_bad=True)
     image, label = skipping[1]
-    assert label == 0 and torch.equal(image, skipping[3][0]), "the next image of its class stands in"
+    assert label == LEFT_OUT and image.shape == skipping[0][0].shape
+    assert not any(torch.equal(image, skipping[i][0]) for i in (0, 2, 3)), "no image stands in for it"
     fresh = LabelledImages(files, labels, eval_transform(SMALL), skip_bad=True)
     loader = torch.utils.data.DataLoader(fresh, batch_size=2, num_workers=2)
-    assert sum(len(batch_labels) for _, batch_labels in loader) == 4
+    assert [label for _, batch_labels in loader for label in batch_labels.tolist()] == [0, LEFT_OUT, 1, 0]
     assert fresh.skipped() == [bad], "what loader workers found is known to the main process"
 
-    alone = LabelledImages([bad, good[0]], [0, 1], eval_transform(SMALL), skip_bad=True)
-    with pytest.raises(CaltechError, match="no image labelled 0 can be read"):
-        alone[0]
+
+@pytest.mark.hostile
+def test_images_that_cost_more_than_they_are_worth_are_refused_before_decoding(tmp_path):
+    """A 1 x 400,000 PNG of a few hundred bytes takes gigabytes once its short side is resized; a
+    10,000 x 10,000 1-bit PNG of 12 KB as much decoded. Each is an error row of predict, the other
+    photos are predicted, and the scan lists both before training."""
+    thin, huge, fine = tmp_path / "thin.png", tmp_path / "huge.png", tmp_path / "fine.png"
+    Image.new("L", (400_000, 1)).save(thin)
+    Image.new("1", (10_000, 10_000)).save(huge)
+    Image.new("RGB", (60, 40), (9, 9, 9)).save(fine)
+    assert thin.stat().st_size < 1000 and huge.stat().st_size < 20_000
+    assert "too thin" in image_problem(thin) and "decompression-bomb" in image_problem(huge)
+    images = UnlabelledImages([thin, huge, fine], eval_transform(SMALL), SMALL.crop_size, SMALL.resize_size)
+    with within(20):
+        rows = [images[i] for i in range(3)]
+    assert "too thin" in rows[0][2] and "decompression-bomb" in rows[1][2] and rows[2][2] == ""
+    assert rows[2][0].shape == (3, 32, 32)
+
+
+@pytest.mark.hostile
+def test_a_predict_folder_too_deep_is_one_line(tmp_path, deep_folder):
+    Image.new("RGB", (40, 40)).save(deep_folder(tmp_path / "photos", 1100) / "x.jpg")
+    with pytest.raises(CaltechError, match="nested more than 64 deep"):
+        images_to_predict(str(tmp_path / "photos"))

@@ -8,13 +8,12 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from conftest import TRANSFER, caltech, csv_rows
+from conftest import FIXTURE, TRANSFER, caltech, csv_rows
 
 
 def test_package_does_not_pin_torch():
@@ -83,7 +82,6 @@ def test_command_start_up_keeps_the_collector_off_the_imports(tmp_path):
     assert not probe["timm"], "parsing a torchvision backbone's options imported timm"
 
 
-FIXTURE = Path(__file__).parent / "fixtures" / "v0.1.0"
 # Class paths that saved configs and checkpoints of earlier versions name.
 SAVED_CLASS_PATHS = [
     "caltech_cli.Caltech101DataModule",

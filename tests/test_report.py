@@ -7,7 +7,9 @@ import csv
 import pytest
 import torch
 
-from caltech_cli.report import tables
+from caltech_cli.report import pictures, tables
+
+from conftest import csv_rows
 
 
 def test_top_losses_and_most_confused_pairs():
@@ -47,3 +49,31 @@ def test_per_class_cells_cannot_be_formulas(tmp_path):
     tables.write_per_class(rows, tmp_path / "per_class.csv")
     with open(tmp_path / "per_class.csv", newline="", encoding="utf-8") as f:
         assert [row["class"] for row in csv.DictReader(f)] == ["'=1+1", "'@cmd"]
+
+
+@pytest.mark.hostile
+def test_every_cell_of_the_mistake_tables_is_text(tmp_path):
+    """top_losses.csv and most_confused.csv hold class and file names: formulas stay text, and a
+    file name that is not valid UTF-8 is written, not a traceback that loses the report."""
+    names = ["=SUM(1+1)", "@cmd", "＝x"]
+    files = [tmp_path / "caf\udce9.jpg", tmp_path / "=HYPERLINK(1).jpg", tmp_path / "plain.jpg"]
+    probs = torch.tensor([[0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.8, 0.1, 0.1]])
+    labels = torch.tensor([0, 1, 2])
+    tables.write_top_losses(files, probs, labels, names, [0, 1, 2], tmp_path / "top_losses.csv")
+    tables.write_confused_pairs(files, labels, names, tables.confused_pairs(probs, labels, 3), tmp_path / "mc.csv")
+    rows = csv_rows(tmp_path / "top_losses.csv")
+    assert {row["truth"] for row in rows} == {"'=SUM(1+1)", "'@cmd", "'＝x"}
+    assert f"{tmp_path}/caf\\xe9.jpg" in {row["path"] for row in rows}
+    for row in csv_rows(tmp_path / "mc.csv"):
+        assert all(row[key].startswith("'") for key in ("truth", "prediction"))
+
+
+@pytest.mark.hostile
+def test_class_names_with_dollars_are_drawn_as_text(tmp_path):
+    """matplotlib reads "$...$" as math, and fails on some (a class named "a$^$b")."""
+    names = ["a$^$b", "$x", "plain"]
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7]])
+    labels = torch.tensor([0, 1, 2])
+    pictures.draw_confusion_matrix(probs, labels, names, tmp_path / "cm.png")
+    pictures.draw_pr_curves(probs, labels, names, tmp_path / "pr.png", tables.per_class(probs, labels, names))
+    assert (tmp_path / "cm.png").stat().st_size > 1000 and (tmp_path / "pr.png").stat().st_size > 1000

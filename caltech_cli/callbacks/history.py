@@ -11,6 +11,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 
 from caltech_cli.errors import CaltechError
+from caltech_cli.files import check_target
 from caltech_cli.history import HISTORY, read_history, write_history
 
 
@@ -45,7 +46,7 @@ class EpochHistory(Callback):
         resume within an epoch starts no new epoch, so the clock starts here too)."""
         self._rows, self._ended = [], None
         self._start_clock()
-        path = Path(trainer.default_root_dir) / HISTORY
+        path = check_target(Path(trainer.default_root_dir) / HISTORY, "trainer.default_root_dir")
         if trainer.ckpt_path and path.is_file():
             try:
                 self._rows = [row for row in read_history(path) if row["epoch"] < trainer.current_epoch]

@@ -12,6 +12,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from caltech_cli.callbacks.wandb_runs import wandb_loggers
 from caltech_cli.files import writable_folder
+from caltech_cli.metrics import LEFT_OUT
 from caltech_cli.report import write_test_report
 from caltech_cli.report.pictures import mistake_caption, thumbnail
 
@@ -80,6 +81,13 @@ class TestReport(Callback):
         probs, labels, names = torch.cat(self._probs), torch.cat(self._labels), pl_module.class_names
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         files = getattr(getattr(trainer.datamodule, "test_set", None), "files", None)
+        # Images left out because they could not be read (data.skip_bad_images) are in no number.
+        counted = labels != LEFT_OUT
+        if files is not None and len(files) == len(labels):
+            files = [file for file, kept in zip(files, counted.tolist()) if kept]
+        probs, labels = probs[counted], labels[counted]
+        if not len(labels):
+            return
         written = write_test_report(
             folder,
             probs,

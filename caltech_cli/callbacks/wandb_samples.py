@@ -40,7 +40,9 @@ class WandbValidationSamples(Callback):
             return
         import wandb
 
-        chosen = fixed_sample(len(images), self.samples, self.seed)
+        # Among the images the validation could read (data.skip_bad_images leaves the others out).
+        readable = [i for i in range(len(images)) if not images.failed[i]]
+        chosen = [readable[i] for i in fixed_sample(len(readable), self.samples, self.seed)]
         if not self._thumbnails:
             self._thumbnails = [thumbnail(images.files[i], 128, square=True) for i in chosen]
             self._cells = [wandb.Image(thumb) for thumb in self._thumbnails]

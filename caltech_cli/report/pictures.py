@@ -17,11 +17,24 @@ from torchmetrics.functional.classification import (
     multiclass_precision_recall_curve,
 )
 
+from caltech_cli.files import written_whole
 from caltech_cli.images import load_rgb
-from caltech_cli.report.tables import Pairs, average_precision, losses, macro_curve, most_confused
+from caltech_cli.report.tables import OPTION, Pairs, average_precision, losses, macro_curve, most_confused
 
+# Class and file names are text: a "$" in one must not start matplotlib's math mode (which fails on
+# some and renders others as formulas).
+matplotlib.rcParams["text.parse_math"] = False
 WRONG = "#c62828"
 RIGHT = "#2e7d32"
+
+
+def save(fig: plt.Figure, path: Path, dpi: int, option: str = OPTION) -> None:
+    """Write the figure to ``path`` as a PNG, whole (aside, then renamed), and close it."""
+    try:
+        with written_whole(path, option) as scratch:
+            fig.savefig(scratch, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
 
 
 def draw_confusion_matrix(probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str], path: Path) -> None:
@@ -66,8 +79,7 @@ def draw_confusion_matrix(probs: torch.Tensor, labels: torch.Tensor, names: Sequ
         transform=text.transAxes,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, 110)
 
 
 def draw_pr_curves(
@@ -106,8 +118,7 @@ def draw_pr_curves(
         ax.legend(loc="lower left", fontsize=8)
     fig.suptitle("Precision-recall on the test set")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, 110)
 
 
 def draw_prediction_grid(
@@ -129,8 +140,7 @@ def draw_prediction_grid(
     wrong = int((preds != labels).sum())
     fig.suptitle(f"Test predictions: {count - wrong} right, {wrong} wrong (red)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, 100)
 
 
 def thumbnail(path: Path, size: int, square: bool = False) -> Image.Image:
@@ -186,8 +196,7 @@ def draw_top_losses(
         f"The {len(items)} test images with the highest loss, highest first "
         f"({wrong} of {len(labels)} test images are wrong): prediction, truth, loss"
     )
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, 100)
 
 
 def draw_confused_pairs(
@@ -222,5 +231,4 @@ def draw_confused_pairs(
         for ax, i in zip(row[1:], items[:examples]):
             _framed(ax, thumbnail(files[i], 256), f"{names[pred]} ({float(probs[i, pred]):.0%})", WRONG)
     fig.suptitle("Most confused classes (true → predicted), most frequent first, examples with the highest loss")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, 100)

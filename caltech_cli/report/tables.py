@@ -21,7 +21,11 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from caltech_cli.files import text_written, write_text
 from caltech_cli.text import text_cell
+
+# The option that names the report's folder, for messages about writing into it.
+OPTION = "report.output"
 
 
 def per_class(probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str]) -> list[dict]:
@@ -46,7 +50,7 @@ def per_class(probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str]) -
 
 
 def write_per_class(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    with text_written(path, OPTION) as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:
@@ -59,7 +63,7 @@ def write_per_class(rows: list[dict], path: Path) -> None:
 
 
 def write_metrics(metrics: dict[str, float], path: Path) -> None:
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n", OPTION)
 
 
 def most_confused(matrix: torch.Tensor, counts: torch.Tensor, names: Sequence[str], top: int) -> list[str]:
@@ -130,14 +134,15 @@ def write_top_losses(
 ) -> None:
     """The top-loss items as a table: rank, file, truth, prediction and their probabilities, loss."""
     item_losses = losses(probs, labels)
-    with open(path, "w", newline="") as f:
+    with text_written(path, OPTION) as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "path", "truth", "prediction", "probability", "probability_of_truth", "loss"])
         for rank, i in enumerate(items, 1):
             pred, true = int(probs[i].argmax()), int(labels[i])
             # Significant digits: a confident mistake's probability of the truth can be 1e-12.
             numbers = (probs[i, pred], probs[i, true], item_losses[i] + 0.0)  # + 0.0: no "-0" for a loss of 0
-            writer.writerow([rank, files[i], names[true], names[pred], *(f"{float(x):.6g}" for x in numbers)])
+            cells = [text_cell(str(files[i])), text_cell(names[true]), text_cell(names[pred])]
+            writer.writerow([rank, *cells, *(f"{float(x):.6g}" for x in numbers)])
 
 
 def write_confused_pairs(
@@ -146,16 +151,16 @@ def write_confused_pairs(
     """The most confused pairs as a table: truth, prediction, how many, their share of the true
     class, and the files (highest loss first)."""
     support = torch.bincount(labels, minlength=len(names))
-    with open(path, "w", newline="") as f:
+    with text_written(path, OPTION) as f:
         writer = csv.writer(f)
         writer.writerow(["truth", "prediction", "count", "share_of_truth", "paths"])
         for true, pred, items in pairs:
             writer.writerow(
                 [
-                    names[true],
-                    names[pred],
+                    text_cell(names[true]),
+                    text_cell(names[pred]),
                     len(items),
                     f"{len(items) / int(support[true]):.6f}",
-                    ";".join(str(files[i]) for i in items),
+                    text_cell(";".join(str(files[i]) for i in items)),
                 ]
             )

@@ -17,11 +17,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from tqdm import tqdm
 
 from caltech_cli.errors import CaltechError
-from caltech_cli.files import file_digest
+from caltech_cli.files import file_digest, kind_of
 from caltech_cli.sources.markers import (
     download_marker,
     downloaded_from,
@@ -53,20 +55,42 @@ def file_checksum(path: Path, checksum: str) -> bool:
     return file_digest(path, digest.name) == expected
 
 
-def _stream(url: str, partial: Path, name: str, checksum: str | None, timeout: float) -> str:
+def _too_large(url: str, max_bytes: int) -> CaltechError:
+    return CaltechError(
+        f"the download of {escaped(url)} is over {max_bytes:,} bytes, the limit of what a source may unpack to. "
+        "Fix: raise data.max_extract_gb if you trust the source."
+    )
+
+
+def _check_local(url: str) -> None:
+    """A ``file://`` URL must name a regular file: a FIFO would be waited on forever, a device
+    (``/dev/zero``) read without end."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        kind = kind_of(Path(url2pathname(parsed.path)), follow=True)
+        if kind is not None:
+            raise CaltechError(f"data.source {escaped(url)} names a {kind}, not a file. Fix: name an archive.")
+
+
+def _stream(url: str, partial: Path, name: str, checksum: str | None, timeout: float, max_bytes: int) -> str:
     """Stream ``url`` into ``partial``; return its digest ('' when no checksum is asked for).
 
     A connection that closes before the length the server announced is an error (Python's
-    ``read`` just returns short), so a half file is never taken for a whole one."""
+    ``read`` just returns short), so a half file is never taken for a whole one; a download is
+    stopped once it passes ``max_bytes``."""
     digest = _hasher(checksum)[0] if checksum else None
     received = 0
     with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
         announced = (response.headers.get("Content-Length") or "").strip()
         total = int(announced) if announced.isdigit() and int(announced) > 0 else None
+        if total is not None and total > max_bytes:
+            raise _too_large(url, max_bytes)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {name}") as bar:
             for block in iter(lambda: response.read(1 << 20), b""):
-                out.write(block)
                 received += len(block)
+                if received > max_bytes:
+                    raise _too_large(url, max_bytes)
+                out.write(block)
                 if digest is not None:
                     digest.update(block)
                 bar.update(len(block))
@@ -105,13 +129,21 @@ def _put_in_place(partial: Path, target: Path, url: str, was_ours: str | None) -
     partial.unlink()
 
 
-def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0, attempts: int = 3) -> Path:
+def download(
+    url: str,
+    folder: Path,
+    checksum: str | None,
+    timeout: float = 60.0,
+    attempts: int = 3,
+    max_bytes: int = 20 << 30,
+) -> Path:
     """Stream ``url`` into ``folder`` with a progress bar; reuse a complete earlier download.
 
     Network errors, time-outs, server errors and connections that close early are retried
-    ``attempts`` times with growing pauses; a partial file is deleted, never used (also on
-    Ctrl-C, and on SIGTERM under ``signals.sigterm_raises``, which ``fetch`` holds around the
-    download and the extraction; ``kill -9`` leaves it, as a hidden ``.<name>.*.part``).
+    ``attempts`` times with growing pauses; more than ``max_bytes`` is refused. A partial file is
+    deleted, never used (also on Ctrl-C, and on SIGTERM under ``signals.sigterm_raises``, which
+    ``fetch`` holds around the download and the extraction; ``kill -9`` leaves it, as a hidden
+    ``.<name>.*.part``).
 
     A file of the same name is reused when it matches ``checksum``, or, without one, when it is
     an earlier download of the same URL or was put there by the user. Otherwise it is replaced
@@ -119,6 +151,7 @@ def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0
     records the URL, size and modification time): anything else there is the user's, and is
     never overwritten.
     """
+    _check_local(url)
     name = download_name(url)
     target = folder / name
     ours = downloaded_from(target)
@@ -145,7 +178,7 @@ def download(url: str, folder: Path, checksum: str | None, timeout: float = 60.0
         os.close(handle)
         partial = Path(scratch)
         try:
-            got = _stream(url, partial, name, checksum, timeout)
+            got = _stream(url, partial, name, checksum, timeout, max_bytes)
             if expected is not None and got != expected:
                 raise CaltechError(
                     f"the download of {escaped(url)} has checksum {got}, expected {expected}: the file is "

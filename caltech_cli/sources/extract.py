@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from caltech_cli.errors import CaltechError
+from caltech_cli.files import files_under, remove_tree, walk
 from caltech_cli.sources.markers import check_extraction_is_ours, mark_extraction, marked_extraction
 from caltech_cli.sources.unpack import Budget, Limits, is_archive, unpack
 
@@ -25,7 +25,9 @@ MAX_NESTING = 3
 
 
 def _find_folder(root: Path, name: str) -> Path | None:
-    matches = sorted((p for p in root.rglob(name) if p.is_dir()), key=lambda p: len(p.parts))
+    """The shallowest folder called ``name`` under ``root``."""
+    matches = [folder / name for folder, folders, _ in walk(root) if name in folders]
+    matches = sorted((p for p in matches if p.is_dir()), key=lambda p: (len(p.parts), p))
     return matches[0] if matches else None
 
 
@@ -61,7 +63,7 @@ def extract(archive: Path, folder: Path, source: str, limits: Limits, inner: str
             if found is not None:
                 break
             nested = sorted(
-                (p for p in scratch.rglob("*") if p.is_file() and is_archive(p)),
+                (p for p in files_under(scratch) if is_archive(p)),
                 key=lambda p: inner not in p.name,
             )
             if not nested:
@@ -80,7 +82,7 @@ def extract(archive: Path, folder: Path, source: str, limits: Limits, inner: str
             )
         return _finish(found, folder, source, scratch)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
 
 
 def _finish(found: Path, folder: Path, source: str, scratch: Path) -> Path:

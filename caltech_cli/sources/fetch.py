@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from caltech_cli.errors import CaltechError
-from caltech_cli.files import folder_lock, writable_folder
+from caltech_cli.files import folder_lock, kind_of, writable_folder
 from caltech_cli.signals import sigterm_raises
 from caltech_cli.sources.download import download
 from caltech_cli.sources.extract import extract
@@ -67,9 +67,14 @@ def fetch(source: str, data_dir: Path, folder_name: str | None, checksum: str | 
             log.info("Using the data set at %s (from %s, already extracted)", folder, source)
             return folder
         if is_url(source):
-            archive = download(source, data_dir, checksum)
+            archive = download(source, data_dir, checksum, max_bytes=limits.max_bytes)
         else:
             archive = Path(source)
+            kind = kind_of(archive, follow=True)
+            if kind is not None:
+                raise CaltechError(
+                    f"data.source {source} is a {kind}, not an archive. Fix: pass an archive or a folder."
+                )
             if not archive.is_file():
                 raise CaltechError(
                     f"data.source {source} does not exist. Fix: pass --data.source with the path of the "

@@ -16,20 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from caltech_cli.errors import CaltechError
-
-
-def read_record(path: Path) -> dict | None:
-    """The JSON object in the marker file at ``path``; None unless it is a regular file (a link,
-    a folder or a FIFO is never opened, read through or waited on) holding one."""
-    try:
-        if not stat.S_ISREG(path.lstat().st_mode):
-            return None
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(descriptor, "rb") as file:
-            record = json.loads(file.read(1 << 16))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+from caltech_cli.files import read_json_record
 
 
 def write_record(path: Path, record: dict) -> None:
@@ -52,7 +39,7 @@ def not_a_marker(marker: Path, is_ours: Callable[[dict], bool]) -> str | None:
         return None
     if marker.is_symlink() or not marker.is_file():
         return f"{marker} is not a file"
-    record = read_record(marker)
+    record = read_json_record(marker)
     return None if record is not None and is_ours(record) else f"{marker} is not a marker of caltech's"
 
 
@@ -77,7 +64,7 @@ def downloaded_from(target: Path) -> str | None:
     """The URL that the tool downloaded ``target`` from; None when the file is not one of its
     downloads as it left it: the user put it there or changed it since (size and modification
     time are recorded), or there is no readable marker."""
-    marked = read_record(download_marker(target))
+    marked = read_json_record(download_marker(target))
     try:
         state = target.lstat()
     except OSError:
@@ -99,7 +86,7 @@ def extraction_marker(folder: Path) -> Path:
 def marked_extraction(folder: Path) -> dict:
     """What the marker of ``folder`` records; {} when there is none or it cannot be read (a link,
     a folder or a FIFO in its place is never read through)."""
-    return read_record(extraction_marker(folder)) or {}
+    return read_json_record(extraction_marker(folder)) or {}
 
 
 def mark_extraction(folder: Path, source: str, complete: bool) -> None:

@@ -31,6 +31,7 @@ import patoolib
 from patoolib.util import PatoolError
 
 from caltech_cli.errors import CaltechError
+from caltech_cli.files import MAX_DEPTH, walk
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,19 @@ def _climbs_out(name: str) -> bool:
 
 
 def _refuse(shown: str, member: str, why: str) -> CaltechError:
+    named = repr(member) if len(member) <= 200 else f"{member[:100]!r}...{member[-40:]!r}"
     return CaltechError(
-        f"refusing to extract {shown}: member {member!r} {why}. Nothing was written outside "
+        f"refusing to extract {shown}: member {named} {why}. Nothing was written outside "
         f"the data folder. Fix: use an archive from a source you trust."
     )
+
+
+def _check_path(shown: str, member: str) -> None:
+    """Refuse a member whose path climbs out of the folder, or is nested past ``MAX_DEPTH``."""
+    if _climbs_out(member):
+        raise _refuse(shown, member, "has a path outside the extraction folder")
+    if len(PurePosixPath(posixpath.normpath(member)).parts) > MAX_DEPTH:
+        raise _refuse(shown, member, f"is nested more than {MAX_DEPTH} folders deep")
 
 
 def _damaged(shown: str, why: object) -> CaltechError:
@@ -145,8 +155,7 @@ def _write(source: IO[bytes], target: Path, shown: str) -> None:
 def _check_tar_member(member: tarfile.TarInfo, into: Path, shown: str) -> None:
     if member.ischr() or member.isblk() or member.isfifo():
         raise _refuse(shown, member.name, "is a device file or FIFO")
-    if _climbs_out(member.name):
-        raise _refuse(shown, member.name, "has a path outside the extraction folder")
+    _check_path(shown, member.name)
     if member.issym() and _climbs_out(str(PurePosixPath(member.name).parent / member.linkname)):
         raise _refuse(shown, member.name, f"is a symbolic link to {member.linkname!r}, outside the folder")
     if member.islnk() and _climbs_out(member.linkname):
@@ -210,8 +219,7 @@ def _unpack_zip(archive: Path, into: Path, budget: Budget, shown: str) -> int:
         zf = zipfile.ZipFile(archive)
     with zf:
         for info in zf.infolist():
-            if _climbs_out(info.filename):
-                raise _refuse(shown, info.filename, "has a path outside the extraction folder")
+            _check_path(shown, info.filename)
             name = PurePosixPath(posixpath.normpath(info.filename))
             if stat.S_ISLNK(info.external_attr >> 16):
                 with _read_errors(shown), zf.open(info) as member:
@@ -266,7 +274,7 @@ def check_tree(shown: str, root: Path, budget: Budget) -> int:
     inside = root.resolve()
     links = 0
     linked: dict[tuple[int, int], list] = {}  # (device, inode) -> [links found, links it has, a name]
-    for folder, folders, files in os.walk(root):
+    for folder, folders, files in walk(root):
         for entry in (Path(folder) / name for name in folders + files):
             name = str(entry.relative_to(root))
             info = entry.lstat()

@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from caltech_cli.callbacks import BestAndLastCheckpoint
 
-from conftest import as_from_a_terminal, caltech, one_error, options, run_caltech, small_run
+from conftest import as_from_a_terminal, caltech, fills_the_disk, one_error, options, run_caltech, small_run
 
 
 def interrupted_fit(tar_archive: Path, tmp_path: Path, signum: int) -> tuple[list[str], str, int]:
@@ -154,3 +154,16 @@ def test_the_private_lightning_hooks_it_overrides_are_as_it_expects():
     checkpoint = BestAndLastCheckpoint()
     for attribute in ("save_last", "save_on_exception", "last_model_path", "best_model_path"):
         assert hasattr(checkpoint, attribute), attribute
+
+
+@pytest.mark.hostile
+def test_a_disk_that_fills_during_a_checkpoint_write_is_one_line(image_folder, tmp_path, capsys, monkeypatch):
+    """A checkpoint is written aside and renamed when whole: a full disk leaves no truncated
+    best-*.ckpt or last.ckpt that a later run (or `fit --ckpt_path`) would trust."""
+    fills_the_disk(monkeypatch, ".ckpt.")
+    try:
+        line = one_error(*caltech("fit", *options(tmp_path, image_folder), capsys=capsys))
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert "cannot write" in line and ".ckpt (the disk is full)" in line
+    assert not list((tmp_path / "runs").rglob("*.ckpt*")), "no checkpoint, whole or not, and no scratch file"

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +18,7 @@ import torch
 
 from caltech_cli.callbacks import PredictionWriter
 
-from conftest import CLASSES, csv_rows, draw, run_caltech, small_run
+from conftest import CLASSES, as_from_a_terminal, csv_rows, draw, old_checkpoint, run_caltech, small_run
 
 
 def write_messy_folder(folder, rng) -> dict[str, bool]:
@@ -102,27 +109,31 @@ def test_one_image_as_predict_dir(trained_run, tmp_path):
     assert [(r["path"], r["class"]) for r in rows] == [("one.jpg", "stripes")]
 
 
-def test_prediction_rows_are_on_disk_before_the_run_ends(tmp_path):
-    """A run stopped after a batch keeps that batch's rows: the writer flushes each batch."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from caltech_cli.callbacks import PredictionWriter
-
+def test_prediction_rows_are_on_disk_before_the_run_ends_and_kept_as_partial(tmp_path):
+    """Each batch's rows are flushed to a file of the run's own; a run stopped after a batch keeps
+    them as ``predictions.partial.csv`` and never leaves a ``predictions.csv`` that is not whole,
+    while one that ends renames its file to ``predictions.csv``."""
     files = [tmp_path / f"{i}.jpg" for i in range(4)]
     trainer = SimpleNamespace(
-        default_root_dir=str(tmp_path), datamodule=SimpleNamespace(predict_dir=str(tmp_path), predict_files=files)
+        default_root_dir=str(tmp_path),
+        datamodule=SimpleNamespace(predict_dir=str(tmp_path), predict_files=files),
+        received_sigterm=False,
     )
     module = SimpleNamespace(class_names=["a", "b"])
     writer = PredictionWriter()
-    writer.on_predict_start(trainer, module)
     batch = {"index": torch.tensor([0, 1]), "probs": torch.tensor([[0.9, 0.1], [0.2, 0.8]]), "error": ["", ""]}
+    writer.on_predict_start(trainer, module)
     writer.write_on_batch_end(trainer, module, batch, None, None, 0, 0)
-    rows = csv_rows(tmp_path / "predictions.csv")
-    assert [(r["path"], r["class"]) for r in rows] == [("0.jpg", "a"), ("1.jpg", "b")]
+    (scratch,) = tmp_path.glob(".predictions.csv.*.part")
+    assert [(r["path"], r["class"]) for r in csv_rows(scratch)] == [("0.jpg", "a"), ("1.jpg", "b")]
+    assert not (tmp_path / "predictions.csv").exists(), "no file under the output's name before it is whole"
     writer.on_exception(trainer, module, KeyboardInterrupt())
+    assert len(csv_rows(tmp_path / "predictions.partial.csv")) == 2 and not (tmp_path / "predictions.csv").exists()
+    writer.on_predict_start(trainer, module)
+    writer.write_on_batch_end(trainer, module, batch, None, None, 0, 0)
+    writer.on_predict_end(trainer, module)
     assert len(csv_rows(tmp_path / "predictions.csv")) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv", "predictions.partial.csv"]
 
 
 FORMULAS = ['=HYPERLINK("x")', "+1+2", "-1+2", "@SUM(1)", "\tTAB", "\rCR"]
@@ -133,7 +144,9 @@ def test_prediction_cells_cannot_be_formulas_and_odd_names_are_written(tmp_path)
     names = [f"{f}.jpg" for f in FORMULAS] + ["caf\udce9.jpg", "after.jpg"]  # \udce9: the byte 0xE9 of a name
     files = [tmp_path / name for name in names]
     trainer = SimpleNamespace(
-        default_root_dir=str(tmp_path), datamodule=SimpleNamespace(predict_dir=str(tmp_path), predict_files=files)
+        default_root_dir=str(tmp_path),
+        datamodule=SimpleNamespace(predict_dir=str(tmp_path), predict_files=files),
+        received_sigterm=False,
     )
     module = SimpleNamespace(class_names=["=cmd", "plain"])
     writer = PredictionWriter()
@@ -149,3 +162,66 @@ def test_prediction_cells_cannot_be_formulas_and_odd_names_are_written(tmp_path)
         rows = list(csv.DictReader(f))
     assert [row["path"] for row in rows] == [f"'{f}.jpg" for f in FORMULAS] + ["caf\\xe9.jpg", "after.jpg"]
     assert {row["class"] for row in rows[:-1]} == {"'=cmd"} and rows[-1]["error"] == "'-bad image"
+
+
+@pytest.mark.hostile
+def test_two_runs_into_one_folder_never_mix_their_rows(tmp_path):
+    """Each run writes a file of its own and renames it when done: predictions.csv is one run's
+    whole file, never the other's rows interleaved with NUL bytes."""
+    files = [tmp_path / f"{i}.jpg" for i in range(4)]
+    trainer = SimpleNamespace(
+        default_root_dir=str(tmp_path),
+        datamodule=SimpleNamespace(predict_dir=str(tmp_path), predict_files=files),
+        received_sigterm=False,
+    )
+    module = SimpleNamespace(class_names=["a", "b"])
+    first, second = PredictionWriter(), PredictionWriter()
+    first.on_predict_start(trainer, module)
+    second.on_predict_start(trainer, module)
+    for writer, rows in ((first, [0, 1, 2, 3]), (second, [1]), (first, [0, 1]), (second, [2])):
+        batch = {
+            "index": torch.tensor(rows),
+            "probs": torch.tensor([[0.9, 0.1]] * len(rows)),
+            "error": [""] * len(rows),
+        }
+        writer.write_on_batch_end(trainer, module, batch, None, None, 0, 0)
+    first.on_predict_end(trainer, module)
+    assert [row["path"] for row in csv_rows(tmp_path / "predictions.csv")] == [
+        "0.jpg",
+        "1.jpg",
+        "2.jpg",
+        "3.jpg",
+    ] * 1 + [
+        "0.jpg",
+        "1.jpg",
+    ]
+    second.on_predict_end(trainer, module)
+    assert [row["path"] for row in csv_rows(tmp_path / "predictions.csv")] == ["1.jpg", "2.jpg"]
+    assert b"\0" not in (tmp_path / "predictions.csv").read_bytes()
+
+
+@pytest.mark.e2e
+@pytest.mark.hostile
+def test_sigterm_stops_predict_and_keeps_its_rows_as_partial(image_folder, tmp_path):
+    """SIGTERM during predict stops it (143, as fit and test), with the rows it wrote kept in
+    predictions.partial.csv, and no predictions.csv that is not whole."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(400):
+        shutil.copy(image_folder / "circles" / f"image_{i % 12 + 1:04d}.jpg", photos / f"{i:03d}.jpg")
+    runs = tmp_path / "runs"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("caltech")), *old_checkpoint(tmp_path, "predict", "--data.predict_dir",
+         str(photos), "--data.batch_size", "1", "--data.num_workers", "0", "--model.image_size", "160")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=as_from_a_terminal,
+        env=dict(os.environ, WANDB_MODE="disabled"),
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(p.stat().st_size > 200 for p in runs.glob(".predictions.csv.*")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    kept = csv_rows(runs / "predictions.partial.csv")
+    assert 0 < len(kept) < 400 and not (runs / "predictions.csv").exists(), output[-3000:]
+    assert "(partial)" in output and "Traceback" not in output

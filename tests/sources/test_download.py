@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +14,7 @@ from caltech_cli.errors import CaltechError
 from caltech_cli.sources import download as downloads
 from caltech_cli.sources.names import archive_stem, download_name
 
-from conftest import CLASSES, FOLDER, data_module, pack_tar_gz, run_caltech, small_run
+from conftest import CLASSES, FOLDER, data_module, pack_tar_gz, run_caltech, small_run, within
 
 
 def test_download_with_wrong_checksum_leaves_nothing(tar_archive, tmp_path):
@@ -212,3 +214,26 @@ def test_odd_servers_urls_checksums_and_locks_are_one_line(tar_archive, tmp_path
     (locked / ".prepare.lock").mkdir(parents=True)
     with pytest.raises(CaltechError, match=r"data.data_dir: cannot lock .*\.prepare\.lock .*Fix: remove"):
         Caltech101DataModule(str(tar_archive), str(locked)).prepare_data()
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("kind", ["FIFO", "device"])
+def test_a_file_url_that_names_no_file_is_one_line(tmp_path, kind):
+    """A FIFO would be waited on forever, /dev/zero read until the disk is full."""
+    path = Path("/dev/zero") if kind == "device" else tmp_path / "photos.tar.gz"
+    if kind == "FIFO":
+        os.mkfifo(path)
+    with within(20), pytest.raises(CaltechError, match=f"names a {kind}, not a file"):
+        downloads.download(path.as_uri(), tmp_path / "data", checksum=None)
+    assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("query", ["", "?length=abc"], ids=["announced", "streamed"])
+def test_a_download_past_the_size_limit_is_stopped(tar_archive, tmp_path, server, query):
+    """Announced (Content-Length) or not, a download stops at the limit and leaves nothing."""
+    limit = tar_archive.stat().st_size // 2
+    with pytest.raises(CaltechError, match=f"is over {limit:,} bytes, the limit .* Fix: raise data.max_extract_gb"):
+        downloads.download(server.url + query, tmp_path / "data", checksum=None, max_bytes=limit)
+    assert list((tmp_path / "data").iterdir()) == []
+    assert downloads.download(server.url + query, tmp_path / "data", checksum=None).is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +15,16 @@ import pytest
 
 from caltech_cli.errors import CaltechError
 
-from conftest import CLASSES, FOLDER, as_from_a_terminal, damaged, data_module, run_caltech, small_run
+from conftest import (
+    CLASSES,
+    FOLDER,
+    as_from_a_terminal,
+    damaged,
+    data_module,
+    run_caltech,
+    small_run,
+    within,
+)
 
 
 def test_prepare_from_local_archive_once(tar_archive, tmp_path, count_extractions, caplog):
@@ -115,3 +125,11 @@ def test_sigterm_during_a_download_or_extraction_leaves_no_partial_file(tar_arch
         assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
         assert sorted(data.iterdir()) == sorted([*theirs, data / ".prepare.lock"]), output[-3000:]
         assert "Traceback" not in output
+
+
+@pytest.mark.hostile
+def test_a_fifo_as_the_source_is_one_line_not_a_hang(tmp_path):
+    fifo = tmp_path / "photos.tar.gz"
+    os.mkfifo(fifo)
+    with within(20), pytest.raises(CaltechError, match=f"data.source {fifo} is a FIFO, not an archive"):
+        data_module(fifo, tmp_path / "data").prepare_data()

@@ -227,3 +227,17 @@ def test_damaged_archive_is_named(request, tmp_path, which, how):
     with pytest.raises(CaltechError, match=rf"{archive.name}.* is damaged or incomplete .*Fix: download it again"):
         prepare(archive, tmp_path / "data")
     assert not (tmp_path / "data" / FOLDER).exists()
+
+
+@pytest.mark.hostile
+def test_a_member_nested_too_deep_is_refused_before_anything_is_marked(tmp_path):
+    """A tree a thousand folders deep breaks Python's own walks (a RecursionError traceback,
+    after the folder was marked complete); it is refused by name before it is written."""
+    deep = "/".join(["d"] * 1100)
+    archive = tar_gz(tmp_path / "deep.tar.gz", (member(f"{FOLDER}/cats/ok.txt"), b"ok"),
+                     (member(f"{FOLDER}/cats/{deep}/x.jpg"), b"x"))  # fmt: skip
+    with pytest.raises(CaltechError, match="is nested more than 64 folders deep"):
+        prepare(archive, tmp_path / "data")
+    assert not (tmp_path / "data" / FOLDER).exists()
+    assert not (tmp_path / "data" / f".{FOLDER}.complete").exists()
+    assert not list((tmp_path / "data").glob(".extracting-*"))
