@@ -248,7 +248,7 @@ def trust_only_known_imports() -> None:
         set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=[*TRUSTED_IMPORTS, *extra])
     except ValueError as error:
         raise CaltechError(
-            f"CALTECH_TRUSTED_IMPORTS={os.environ['CALTECH_TRUSTED_IMPORTS']!r} cannot be used ({error}). "
+            f"CALTECH_TRUSTED_IMPORTS={os.environ.get('CALTECH_TRUSTED_IMPORTS', '')!r} cannot be used ({error}). "
             "Fix: set it to module names separated by commas, like my_callbacks,my_package."
         ) from error
 
