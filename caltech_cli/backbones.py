@@ -25,9 +25,12 @@ When none of them works the error names the file, where to put it, and the alter
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import importlib.util
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,7 +328,7 @@ def _resolve_timm(backbone: str, weights: str | None, image_size: int | None) ->
     _check_timm_weights(backbone, weights)
     config = _timm_config(backbone)
     state = None
-    if weights is not None:
+    if weights is not None and not _CHECKPOINT_HOLDS_WEIGHTS.get():
         path = Path(weights) if _looks_like_path(weights) else _timm_pretrained_file(backbone, config)
         state = read_state_dict(path)
     classifiers = (config.classifier,) if isinstance(config.classifier, str) else tuple(config.classifier or ())
@@ -354,6 +357,22 @@ def _resolve_timm(backbone: str, weights: str | None, image_size: int | None) ->
     return Backbone(network, num_features, preprocessing_for(backbone, weights, image_size))
 
 
+# Set while a model is built whose checkpoint is about to be loaded (``weights_from_checkpoint``).
+_CHECKPOINT_HOLDS_WEIGHTS = contextvars.ContextVar("checkpoint_holds_weights", default=False)
+
+
+@contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Build backbones without reading their weights, keeping the weights' preprocessing: the
+    checkpoint loaded next holds every weight, so ``test``, ``predict`` and a resumed ``fit`` need
+    neither the original weights file nor a download."""
+    token = _CHECKPOINT_HOLDS_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _CHECKPOINT_HOLDS_WEIGHTS.reset(token)
+
+
 def resolve_backbone(backbone: str, weights: str | None, image_size: int | None = None) -> Backbone:
     """Build ``backbone`` with ``weights`` (torchvision name, file path, or None for random; for a
     ``timm/`` backbone ``pretrained`` instead of a torchvision name).
@@ -364,7 +383,7 @@ def resolve_backbone(backbone: str, weights: str | None, image_size: int | None 
     if is_timm(backbone):
         return _resolve_timm(backbone, weights, image_size)
     network = _build_network(backbone)
-    if weights is not None:
+    if weights is not None and not _CHECKPOINT_HOLDS_WEIGHTS.get():
         if _looks_like_path(weights):
             state = read_state_dict(Path(weights))
             check_weight_types(Path(weights), state, network)

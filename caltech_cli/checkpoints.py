@@ -111,6 +111,29 @@ def check_weight_types(path: Path, state: dict[str, torch.Tensor], network: torc
             )
 
 
+def check_state_fits(state: Any, network: torch.nn.Module, where: str) -> None:
+    """Refuse a checkpoint's state dict that does not fit ``network`` key for key, shape for shape
+    and float for float, in one line; loading would end in a traceback, or cast an int64 kernel
+    to floats silently."""
+    fix = "Fix: pass a checkpoint that `caltech fit` wrote, unchanged."
+    expected = network.state_dict()
+    if not isinstance(state, dict):
+        raise CaltechError(f"{where} holds no state dict of a network. {fix}")
+    missing = [key for key in expected if key not in state]
+    extra = [key for key in state if key not in expected]
+    if missing or extra:
+        named = f"lacks {missing[0]}" if missing else f"holds {extra[0]}, which its network has not"
+        count = len(missing) + len(extra)
+        raise CaltechError(f"{where} {named} ({count} key{'s' if count > 1 else ''} differ). {fix}")
+    for key, mine in expected.items():
+        theirs = state[key]
+        if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape:
+            shape = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
+            raise CaltechError(f"{where} holds {key} as {shape}, where its network has {tuple(mine.shape)}. {fix}")
+        if theirs.is_floating_point() != mine.is_floating_point():
+            raise CaltechError(f"{where} holds {key} as {theirs.dtype}, where its network has {mine.dtype}. {fix}")
+
+
 def read_checkpoint(path: Path, model_options: Collection[str]) -> dict[str, Any]:
     """A checkpoint that ``caltech fit`` wrote, loaded without running code from it (``weights_only``).
 

@@ -18,13 +18,13 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.optim import Optimizer
 
 # The callbacks package is imported whole: jsonargparse resolves a short class name
 # (`--trainer.callbacks+=BackboneUnfreeze`) and lists it in `--help` only once its module is loaded.
 from caltech_cli import compare, export
-from caltech_cli.backbones import preprocessing_for
+from caltech_cli.backbones import preprocessing_for, weights_from_checkpoint
 from caltech_cli.callbacks import (
     BestAndLastCheckpoint,
     EpochHistory,
@@ -38,7 +38,7 @@ from caltech_cli.data import ImageClassificationDataModule
 from caltech_cli.errors import CaltechError
 from caltech_cli.files import writable_folder
 from caltech_cli.model import MODEL_OPTIONS, TransferClassifier
-from caltech_cli.parser import CaltechArgumentParser, check_arguments
+from caltech_cli.parser import CaltechArgumentParser, check_arguments, use_checked_loader
 from caltech_cli.text import EscapeArguments, shown
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,42 @@ def _check_numbers(config: Namespace) -> None:
     lr = config.get("optimizer.init_args.lr")
     if isinstance(lr, (int, float)) and lr < 0:
         raise CaltechError(f"optimizer.lr {lr} is negative. Fix: pass a positive --optimizer.lr, like 0.001.")
+    for option, least in TRAINER_COUNTS.items():
+        value = config.get(option)
+        if isinstance(value, int) and not isinstance(value, bool) and value < least:
+            raise CaltechError(
+                f"{option} {value} cannot work: it must be {least} or more. Fix: pass --{option} {least}."
+            )
+    interval = config.get("trainer.val_check_interval")
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and not interval > 0:
+        raise CaltechError(
+            f"trainer.val_check_interval {interval} cannot work: it must be above 0. "
+            "Fix: pass --trainer.val_check_interval 1.0 (once an epoch)."
+        )
+    monitor = config.get("checkpoint.monitor")
+    if monitor is not None and monitor not in LOGGED:
+        raise CaltechError(
+            f"checkpoint.monitor {monitor} is not a figure the model logs. Fix: pass --checkpoint.monitor one of "
+            f"{', '.join(LOGGED)}."
+        )
+
+
+# Trainer and checkpoint counts and the least value that works: below it Lightning divides by zero
+# or refuses with a traceback, some only after an epoch has trained.
+TRAINER_COUNTS = {
+    "trainer.max_epochs": -1,
+    "trainer.max_steps": -1,
+    "trainer.check_val_every_n_epoch": 1,
+    "trainer.accumulate_grad_batches": 1,
+    "trainer.num_nodes": 1,
+    "trainer.devices": -1,
+    "trainer.log_every_n_steps": 1,
+    "checkpoint.save_top_k": -1,
+    "checkpoint.every_n_epochs": 0,
+    "checkpoint.every_n_train_steps": 0,
+}
+# What the model logs, and a checkpoint may monitor.
+LOGGED = ("val/acc", "val/acc_macro", "val/loss", "train/acc", "train/loss")
 
 
 class CaltechCLI(LightningCLI):
@@ -126,8 +162,16 @@ class CaltechCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer; on a CUDA device float32 matrix products may use TensorFloat-32, which
         Hopper and Ampere tensor cores run many times faster at the precision training needs.
-        Checkpoints are written whole (``WholeCheckpointIO``)."""
+        Checkpoints are written whole (``WholeCheckpointIO``). ``validate``, ``test`` and ``predict``
+        run in one process: on several, each process scores its own share of the images, padded
+        to equal length, and the report and predictions would hold one share."""
         trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand in ("validate", "test", "predict") and trainer.world_size > 1:
+            raise CaltechError(
+                f"{self.subcommand} runs on one device ({trainer.world_size} processes would each see a share of the "
+                "images, and the numbers and files would not hold them all). Fix: pass --trainer.devices 1 "
+                "(and --trainer.num_nodes 1)."
+            )
         if isinstance(trainer.accelerator, CUDAAccelerator):
             torch.set_float32_matmul_precision("high")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user configured
@@ -139,6 +183,7 @@ class CaltechCLI(LightningCLI):
         limits of what a config may hold (before they are parsed), a checkpoint that is not one of
         ours (or would run code) before LightningCLI reads it, predict without images, numbers that
         cannot train; and say which model options a checkpoint overrides."""
+        CaltechArgumentParser.checkpoint_read = None
         if args is None or isinstance(args, list):
             check_arguments(sys.argv[1:] if args is None else [str(arg) for arg in args])
         super().parse_arguments(parser, args)
@@ -150,9 +195,27 @@ class CaltechCLI(LightningCLI):
         if subcommand == "predict" and config.get("data.init_args.predict_dir") is None:
             raise CaltechError("predict needs images. Fix: pass --data.predict_dir <folder or image>.")
         _check_numbers(config)
+        accelerator = config.get("trainer.accelerator")
+        mps = accelerator == "gpu" and torch.backends.mps.is_available()  # Lightning's "gpu" on a Mac
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not mps:
+            raise CaltechError(
+                f"trainer.accelerator {config.trainer.accelerator}: this machine has no GPU that PyTorch can use "
+                f"(torch {torch.__version__}). Fix: pass --trainer.accelerator cpu, or auto to take a GPU where "
+                "there is one."
+            )
+        if config.get("trainer.devices") in (0, "0"):
+            raise CaltechError("trainer.devices 0 runs on nothing. Fix: pass --trainer.devices 1 (or auto).")
+        if subcommand == "fit" and config.get("trainer.limit_train_batches") in (0, 0.0):
+            raise CaltechError(
+                "trainer.limit_train_batches 0 trains nothing, and fit would end without a checkpoint. "
+                "Fix: pass --trainer.limit_train_batches 1.0 (every batch), or a share or count above 0."
+            )
         if config.get("ckpt_path"):
             self.checkpoint_options = read_checkpoint(Path(config.ckpt_path), MODEL_OPTIONS)["hyper_parameters"]
             self._say_which_options_win(config.model, self.checkpoint_options)
+            # LightningCLI parses the checkpoint's saved options next; until the classes are built
+            # (before_instantiate_classes) an error of the parser is the checkpoint's.
+            CaltechArgumentParser.checkpoint_read = str(config.ckpt_path)
 
     @staticmethod
     def _say_which_options_win(given: Namespace, saved: dict[str, Any]) -> None:
@@ -170,6 +233,7 @@ class CaltechCLI(LightningCLI):
         """Everything of a run goes under trainer.default_root_dir, which must be a folder we can
         write: a logger without a save_dir writes there too (its wandb/ folder, the checkpoints
         and config.yaml)."""
+        CaltechArgumentParser.checkpoint_read = None
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or os.getcwd()
         writable_folder(Path(root), "trainer.default_root_dir")
@@ -178,6 +242,14 @@ class CaltechCLI(LightningCLI):
             init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
             if isinstance(init_args, Namespace) and "save_dir" in init_args and init_args.save_dir is None:
                 init_args.save_dir = str(root)
+
+    def instantiate_classes(self) -> None:
+        """With a checkpoint to load, the backbone is built without its weights: they are all in
+        the checkpoint (``backbones.weights_from_checkpoint``)."""
+        if self.checkpoint_options is None:
+            return super().instantiate_classes()
+        with weights_from_checkpoint():
+            return super().instantiate_classes()
 
     def after_instantiate_classes(self) -> None:
         """Refuse a checkpoint trained on other classes than the data's now, before any image is read."""
@@ -256,6 +328,7 @@ def trust_only_known_imports() -> None:
 def make_cli(args: ArgsType = None, run: bool = True) -> CaltechCLI:
     """Build (and with ``run``, run) the CLI; without ``run`` the arguments take no subcommand."""
     trust_only_known_imports()
+    use_checked_loader()
     return CaltechCLI(
         TransferClassifier,
         ImageClassificationDataModule,
@@ -281,6 +354,16 @@ def _caltech_error_in(error: BaseException | None) -> CaltechError | None:
     return error
 
 
+def _another_process_stopped(error: BaseException) -> bool:
+    """Whether ``error`` is what a process of a multi-process run (DDP) gets when another stops:
+    the other one has said why (one line, as every process does), so a traceback here only
+    hides it."""
+    distributed = getattr(torch.distributed, "DistBackendError", ())
+    return isinstance(error, distributed) or (
+        isinstance(error, RuntimeError) and "Connection closed by peer" in str(error)
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """Run ``caltech``; a problem the user can fix ends in one line and exit status 2.
 
@@ -297,8 +380,21 @@ def main(args: list[str] | None = None) -> None:
             OTHER_COMMANDS[argv[0]](list(argv[1:]))
         else:
             make_cli(args)
+    except MisconfigurationException as error:  # Lightning's refusal of options (an accelerator not there...)
+        print(
+            f"caltech: error: {shown(' '.join(str(error).split()))} Fix: change that option (`--help` lists them).",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     except Exception as error:
         caltech_error = _caltech_error_in(error)
+        if caltech_error is None and _another_process_stopped(error):
+            print(
+                "caltech: error: another process of this run stopped, and this one cannot go on without it. "
+                "Fix: see that process's error above, and correct what it says.",
+                file=sys.stderr,
+            )
+            raise SystemExit(2) from None
         if caltech_error is None:
             raise
         # Raised in a DataLoader worker, it arrives wrapped in the worker's traceback: keep the message.

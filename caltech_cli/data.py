@@ -283,6 +283,38 @@ class ImageClassificationDataModule(LightningDataModule):
             splits.fingerprint,
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: the split's fingerprint and keys of its training
+        images (``folders.member_keys``), which :meth:`load_state_dict` checks against."""
+        if not self.splits:
+            return {}
+        train = self.train_set
+        return {"split": self.fingerprint, "train_keys": sorted(folders.member_keys(self.root, train.files))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose training images are among those this run scores: a resumed
+        fit must keep its split (its validation would score images it trained on), and
+        ``validate`` or ``test`` must not score training images of the checkpoint."""
+        trained_split, train_keys = state.get("split"), state.get("train_keys")
+        if not self.splits or trained_split == self.fingerprint or not isinstance(train_keys, list):
+            return
+        fn = self.trainer.state.fn if self.trainer is not None else None
+        if fn == TrainerFn.FITTING:
+            raise CaltechError(
+                f"the checkpoint was trained on split {trained_split} and this data makes split {self.fingerprint}: "
+                "resumed, it would validate on images it trained on. Fix: resume with the data.source, data.seed, "
+                "data.split and data.classes of its fit, or start a new fit without --ckpt_path."
+            )
+        name = "val" if fn == TrainerFn.VALIDATING else "test"
+        scored = self.splits[name].files
+        seen = folders.member_keys(self.root, scored) & set(map(str, train_keys))
+        if seen:
+            raise CaltechError(
+                f"{len(seen)} of the {len(scored)} {name} images are training images of the checkpoint (split "
+                f"{trained_split}, now {self.fingerprint}), so the score would not be a {name} score. Fix: pass the "
+                f"data.seed, data.split and data.classes of its fit, or {name} on images it did not train on."
+            )
+
     def teardown(self, stage: str) -> None:
         """Say which image files were left out because they could not be read (``skip_bad_images``)."""
         skipped = [path for part in self.splits.values() for path in part.skipped()]

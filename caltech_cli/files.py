@@ -85,6 +85,24 @@ def check_target(path: Path, option: str) -> Path:
     return path
 
 
+def no_link_below(root: Path, folder: Path, option: str) -> None:
+    """Refuse a symbolic link on the way from a run's ``root`` down to ``folder``, a folder the tool
+    makes there (``report``, ``checkpoints``): files written through it would land wherever it
+    points. ``root`` itself is the user's choice, link or not."""
+    try:
+        inside = Path(os.path.abspath(folder)).relative_to(os.path.abspath(root))
+    except ValueError:
+        return
+    current = Path(root)
+    for part in inside.parts:
+        current = current / part
+        if current.is_symlink():
+            raise CaltechError(
+                f"{option}: {current} is a symbolic link, where caltech makes a folder of its own, and files written "
+                f"through it would land elsewhere. Fix: remove the link, or pass --{option} the folder it points to."
+            )
+
+
 def cannot_write(path: Path, option: str, error: OSError) -> CaltechError:
     """The one line for an output that could not be written (a full disk, above all)."""
     reason = "the disk is full" if error.errno in DISK_FULL else error.strerror or str(error)

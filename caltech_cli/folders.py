@@ -233,6 +233,21 @@ def fingerprint(root: Path, parts: Sequence[Labelled]) -> str:
     return digest.hexdigest()[:12]
 
 
+def member_keys(root: Path, files: Sequence[Path]) -> set[str]:
+    """Short keys of image files by their path under ``root`` and their size: what a checkpoint
+    keeps of its training set, so that a later test can tell whether it scores images the
+    network trained on, without holding the file names themselves."""
+    keys = set()
+    for path in files:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = -1
+        key = os.fsencode(path.relative_to(root)) + f"\0{size}".encode()
+        keys.add(hashlib.sha256(key).hexdigest()[:16])
+    return keys
+
+
 def split(layout: Layout, weights: Sequence[float], seed: int, skip_bad: bool) -> Splits:
     """The folder's own split (``weights`` unused), or a stratified one in the proportions
     ``weights``, fixed by ``seed``; a set left empty is refused."""

@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from caltech_cli.backbones import resolve_backbone
+from caltech_cli.checkpoints import check_state_fits
 from caltech_cli.devices import CPU_BATCH, full_batch, warm_up
 from caltech_cli.errors import CaltechError
 from caltech_cli.metrics import LEFT_OUT, inverse_frequency, stage_metrics
@@ -87,6 +88,7 @@ class TransferClassifier(LightningModule):
         # The images of the step just taken that count (an image left out because it cannot be read
         # counts in nothing).
         self._step_counted = 0
+        self._scored = 0  # the images the current val or test epoch scores
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -206,6 +208,7 @@ class TransferClassifier(LightningModule):
         metrics.update(logits, labels)
         self._step_counted = counted
         if stage != "train":
+            self._scored += counted
             self.log(
                 f"{stage}/loss",
                 loss,
@@ -272,6 +275,29 @@ class TransferClassifier(LightningModule):
         its row after this."""
         self._log_training_epoch()
 
+    def on_validation_epoch_start(self) -> None:
+        self._scored = 0
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _check_scored(self, stage: str) -> None:
+        """Refuse metrics of no image: where every image of the set was left out as unreadable
+        (``data.skip_bad_images``), they would print 0 (or nan) as if something had been scored."""
+        if self.trainer.sanity_checking:
+            return
+        scored = self.trainer.strategy.reduce(torch.tensor(self._scored, device=self.device), reduce_op="sum")
+        if int(scored) == 0:
+            raise CaltechError(
+                f"no {stage} image could be read, so there is nothing to score: every one was left out "
+                "(data.skip_bad_images). Fix: replace them (without --data.skip_bad_images the error names one)."
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        self._check_scored("validation")
+
+    def on_test_epoch_end(self) -> None:
+        self._check_scored("test")
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
@@ -300,7 +326,10 @@ class TransferClassifier(LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-4)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of other classes, or whose weights do not fit this network, in one
+        line (before Lightning's ``load_state_dict`` would raise or cast)."""
         self.check_checkpoint_options(checkpoint.get("hyper_parameters", {}))
+        check_state_fits(checkpoint.get("state_dict"), self, "the checkpoint (--ckpt_path)")
 
     def check_checkpoint_options(self, saved: dict[str, Any]) -> None:
         """Check that a checkpoint's saved options fit this model, and take its classes if the

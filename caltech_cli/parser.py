@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import yaml
+from jsonargparse import get_loader, set_loader
 from pytorch_lightning.cli import LightningArgumentParser
 
 from caltech_cli.errors import CaltechError
@@ -75,10 +77,20 @@ class CaltechArgumentParser(LightningArgumentParser):
     """LightningCLI's parser, whose errors are one ``caltech: error:`` line, not the 80 lines of
     usage before them (``--help`` shows those)."""
 
+    # The checkpoint whose saved options are being parsed (LightningCLI parses them after the
+    # command line): an error then is the checkpoint's, not an option the user gave.
+    checkpoint_read: str | None = None
+
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             super().error(message, ex)
         line = one_line(message)
+        if self.checkpoint_read is not None:
+            raise CaltechError(
+                f"the checkpoint {self.checkpoint_read} saved a model option that cannot be used "
+                f"({line.removeprefix('--').split('. Fix:')[0]}): it was altered, or not written by `caltech fit`. "
+                "Fix: pass a checkpoint that `caltech fit` wrote."
+            )
         if "Fix:" not in line:
             prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
             line += f". Fix: `{prog} --help` lists the options and their types."
@@ -134,11 +146,65 @@ def check_config_text(text: str, where: str) -> None:
         )
 
 
+def _special_file(value: str) -> str | None:
+    """What ``value`` names when it is a FIFO, a device or a socket (reading one blocks or never
+    ends), else None."""
+    if not value or len(value) > 4096 or "\n" in value or "\0" in value:
+        return None
+    try:
+        kind = kind_of(Path(value), follow=True)
+    except (OSError, ValueError):
+        return None
+    return kind if kind in ("FIFO", "device", "socket") else None
+
+
+def _refuse_special(value: str, where: str) -> None:
+    kind = _special_file(value)
+    if kind is not None:
+        raise CaltechError(
+            f"{where}: {value} is a {kind}, not a regular file; reading or writing it could wait for ever. "
+            "Fix: pass a regular file."
+        )
+
+
+def _strings_in(value: Any) -> Iterator[str]:
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, str):
+            yield current
+        elif isinstance(current, dict):
+            stack += [*current.keys(), *current.values()]
+        elif isinstance(current, list):
+            stack += current
+
+
+_yaml_load = get_loader("yaml")
+
+
+def checked_yaml_load(text: str) -> Any:
+    """jsonargparse's YAML loader behind the limits: every config and value it reads comes through
+    here, the files that a config names as values included, so none is parsed past the limits,
+    and none names a FIFO that the next read would wait on for ever."""
+    check_config_text(text, "a config or option value")
+    value = _yaml_load(text)
+    for string in _strings_in(value):
+        _refuse_special(string, "a config")
+    return value
+
+
+def use_checked_loader() -> None:
+    """Read every config and option value through :func:`checked_yaml_load`."""
+    set_loader("yaml", checked_yaml_load, (yaml.YAMLError,))
+
+
 def check_arguments(args: list[str]) -> None:
     """Check every argument, and every config file named, against the limits of what a config may
-    hold; a file is read only if it is a regular one, and never past the limit."""
+    hold; a file is read only if it is a regular one, and never past the limit. No argument may
+    name a FIFO, a device or a socket: reading one waits for ever, or never ends."""
     for previous, arg in zip(["", *args], args):
         value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        _refuse_special(value, (arg.split("=", 1)[0] if "=" in arg else previous) or "an argument")
         path = Path(value)
         named = previous in ("-c", "--config") or value.endswith(CONFIG_SUFFIXES)
         if named and kind_of(path, follow=True) is None and path.is_file():

@@ -187,3 +187,34 @@ def test_a_checkpoint_without_two_class_names_is_refused(tmp_path, names):
     torch.save(checkpoint, tmp_path / "odd.ckpt")
     with pytest.raises(CaltechError, match="not two or more distinct names"):
         read_checkpoint(tmp_path / "odd.ckpt", MODEL_OPTIONS)
+
+
+def test_a_checkpoint_needs_not_the_weights_it_started_from(image_folder, tmp_path, capsys):
+    """The checkpoint holds every weight: test and predict run after the weights file that fit
+    started from is gone (and a timm ``pretrained`` run needs no Hub cache)."""
+    import timm
+
+    weights = tmp_path / "convnext.pth"
+    torch.save(timm.create_model("test_convnext.r160_in1k").state_dict(), weights)
+    network = ["--model.backbone", "timm/test_convnext.r160_in1k", "--model.weights", str(weights)]
+    status, stderr = caltech("fit", *options(tmp_path, image_folder, *network), capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    weights.unlink()
+    checkpoint = ["--ckpt_path", str(tmp_path / "runs" / "best.ckpt")]
+    status, stderr = caltech("test", *options(tmp_path, image_folder, *network, *checkpoint), capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    predict = [*checkpoint, "--data.predict_dir", str(image_folder / "circles")]
+    status, stderr = caltech("predict", *options(tmp_path, image_folder, *network, *predict), capsys=capsys)
+    assert status == 0, stderr[-3000:]
+
+
+@pytest.mark.hostile
+def test_a_saved_option_that_does_not_parse_is_the_checkpoints_fault(tmp_path, capsys):
+    checkpoint = torch.load(FIXTURE / "best.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["image_size"] = "large"
+    torch.save(checkpoint, tmp_path / "altered.ckpt")
+    args = ["test", "--config", str(FIXTURE / "config.yaml"), "--ckpt_path", str(tmp_path / "altered.ckpt")]
+    status, stderr = caltech(*args, "--trainer.default_root_dir", str(tmp_path / "runs"), capsys=capsys)
+    line = one_error(status, stderr)
+    assert f"the checkpoint {tmp_path / 'altered.ckpt'} saved a model option that cannot be used" in line
+    assert "model.image_size large" in line and "Parsing of ckpt_path" not in stderr

@@ -23,6 +23,7 @@ from conftest import (
     SCRATCH,
     TRANSFER,
     caltech,
+    damaged_png,
     one_error,
     options,
     predicting,
@@ -274,3 +275,21 @@ def test_a_logger_by_its_short_name(image_folder, tmp_path):
                          "--print_config", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "class_path: pytorch_lightning.loggers.WandbLogger" in result.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.hostile
+def test_an_error_in_one_process_of_a_ddp_fit_is_one_line_in_each(image_folder, tmp_path):
+    """The process that meets an unreadable image says so; the other, whose partner is gone,
+    says that and points at it, with no traceback, and the run exits 2."""
+    photos = tmp_path / "photos"
+    shutil.copytree(image_folder, photos)
+    damaged_png(photos / "squares" / "bad.png", checksum_intact=True)
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    fit = run_caltech("fit", *small_run(tmp_path, str(photos)), "--trainer.logger", "false", "--trainer.max_epochs",
+                      "1", "--data.cache_features", "false", *ddp, cwd=tmp_path, timeout=240)  # fmt: skip
+    assert fit.returncode == 2, fit.stderr[-3000:]
+    errors = [line for line in fit.stderr.splitlines() if "caltech: error:" in line]
+    assert any("cannot read image" in line for line in errors), fit.stderr[-3000:]
+    assert any("another process of this run stopped" in line for line in errors), fit.stderr[-3000:]
+    assert len(errors) == 2 and "Traceback" not in fit.stderr, fit.stderr[-3000:]

@@ -231,3 +231,20 @@ def test_what_the_data_module_knows_before_it_reads_its_folder(image_folder, tmp
         dm.test_set
     assert re.fullmatch(r"[0-9a-f]{12}", dm.split_fingerprint()) and len(dm.train_set) == 19
     assert (dm.cache_dir, dm.cache_views) == (tmp_path / "feature-cache", 0)
+
+
+@pytest.mark.e2e
+def test_a_checkpoint_never_scores_the_images_it_trained_on(trained_run, tmp_path):
+    """The checkpoint keeps its split's training images (as keys): a test or a validation whose
+    split differs (another seed) and would score some of them is refused, and so is resuming a
+    fit on another split; the same split tests as before."""
+    common = [*small_run(trained_run.root, trained_run.source), "--trainer.default_root_dir", str(tmp_path / "runs")]
+    for command, checkpoint, says in [
+        ("test", trained_run.best, "test images are training images of the checkpoint"),
+        ("validate", trained_run.best, "val images are training images of the checkpoint"),
+        ("fit", next(trained_run.runs.rglob("last.ckpt")), "resumed, it would validate on images it trained on"),
+    ]:
+        refused = run_caltech(command, *common, "--data.seed", "7", "--ckpt_path", str(checkpoint), cwd=tmp_path)
+        assert refused.returncode == 2 and says in refused.stderr.splitlines()[-1], refused.stderr[-3000:]
+    tested = run_caltech("test", *common, "--ckpt_path", str(trained_run.best), cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-3000:]

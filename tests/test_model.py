@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,31 @@ def test_checkpoint_with_other_classes_is_refused():
 def test_checkpoint_names_the_classes_when_the_model_has_none():
     model = TransferClassifier(weights=None)
     assert model.head is None
-    model.on_load_checkpoint({"hyper_parameters": {"backbone": "mobilenet_v2", "class_names": ["x", "y"]}})
+    trained = TransferClassifier(weights=None, class_names=["x", "y"])
+    saved = {"backbone": "mobilenet_v2", "class_names": ["x", "y"]}
+    model.on_load_checkpoint({"hyper_parameters": saved, "state_dict": trained.state_dict()})
     assert model.class_names == ["x", "y"] and model.head.out_features == 2
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (lambda state: state.pop("head.bias"), "lacks head.bias"),
+        (lambda state: state.update(extra=torch.zeros(1)), "holds extra, which its network has not"),
+        (lambda state: state.update({"head.weight": torch.zeros(3, 7)}), "holds head.weight as (3, 7)"),
+        (lambda state: state.update({"head.weight": state["head.weight"].long()}), "as torch.int64"),
+    ],
+)
+def test_a_checkpoint_whose_weights_do_not_fit_is_one_line(change, says):
+    trained = TransferClassifier(backbone="resnet18", weights=None, class_names=["x", "y"])
+    state = trained.state_dict()
+    change(state)
+    model = TransferClassifier(backbone="resnet18", weights=None)
+    with pytest.raises(CaltechError, match=re.escape(says)):
+        model.on_load_checkpoint(
+            {"hyper_parameters": {"backbone": "resnet18", "class_names": ["x", "y"]}, "state_dict": state}
+        )
 
 
 @pytest.mark.parametrize("class_weights", ["inverse", "sqrt_inverse"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -31,6 +32,20 @@ from conftest import caltech, one_error, options, within
         (["--optimizer.init_args.weight_decay", ".inf"], "optimizer.weight_decay inf is not a number"),
         (["--lr_scheduler.init_args.T_max", "0"], "lr_scheduler.T_max 0 cannot work: it must be 1 or more"),
         (["--data.max_extract_gb", ".nan"], "data.max_extract_gb nan cannot work"),
+        (["--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch 0 cannot work"),
+        (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches 0 cannot work"),
+        (["--trainer.val_check_interval", "0"], "trainer.val_check_interval 0 cannot work"),
+        (["--trainer.num_nodes", "0"], "trainer.num_nodes 0 cannot work"),
+        (["--trainer.devices", "0"], "trainer.devices 0 runs on nothing"),
+        (["--trainer.max_epochs", "-5"], "trainer.max_epochs -5 cannot work"),
+        (["--trainer.limit_train_batches", "0"], "trainer.limit_train_batches 0 trains nothing"),
+        (["--trainer.accelerator", "gpu"], "this machine has no GPU that PyTorch can use"),
+        (["--checkpoint.save_top_k", "-5"], "checkpoint.save_top_k -5 cannot work"),
+        (["--checkpoint.every_n_epochs", "-1"], "checkpoint.every_n_epochs -1 cannot work"),
+        (["--checkpoint.monitor", "x/y"], "checkpoint.monitor x/y is not a figure the model logs"),
+        (["--report.confused_examples", "1000000000"], "report.confused_examples 1000000000 cannot work"),
+        (["--report.top_losses", "-3"], "report.top_losses -3 cannot work"),
+        (["--wandb_samples.samples", "-1"], "wandb_samples.samples -1 cannot work"),
     ],
     ids=[
         "batch_size",
@@ -51,6 +66,20 @@ from conftest import caltech, one_error, options, within
         "inf-weight-decay",
         "zero-T_max",
         "nan-max_extract_gb",
+        "check_val_every_n_epoch",
+        "accumulate_grad_batches",
+        "val_check_interval",
+        "num_nodes",
+        "devices",
+        "max_epochs",
+        "limit_train_batches",
+        "no-gpu",
+        "save_top_k",
+        "every_n_epochs",
+        "monitor",
+        "confused_examples",
+        "top_losses",
+        "wandb_samples",
     ],
 )
 def test_a_bad_value_is_one_line(image_folder, tmp_path, capsys, bad, says):
@@ -82,6 +111,29 @@ def test_configs_and_values_past_the_limits_answer_at_once(image_folder, tmp_pat
         deep = "[" * 100_000 + "]" * 100_000
         line = one_error(*caltech("fit", *options(tmp_path, image_folder), "--data.classes", deep, capsys=capsys))
         assert "nests its values too deep" in line
+
+
+@pytest.mark.hostile
+def test_a_config_named_by_a_value_is_held_to_the_limits_too(image_folder, tmp_path, capsys):
+    """jsonargparse reads a file that a group option (``--trainer``) or a config names, whatever
+    its name ends in: the same limits hold there, and a FIFO is refused, not waited on."""
+    bomb = tmp_path / "laughs"
+    bomb.write_text(laughs().replace("data:\n  init_args:\n    classes:", "plugins:"))
+    outer = tmp_path / "outer.yaml"
+    outer.write_text(f"trainer: {bomb}\n")
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    nested_fifo = tmp_path / "nested.yaml"
+    nested_fifo.write_text(f"trainer: {fifo}\n")
+    with within(30):
+        for more, says in [
+            (["--trainer", str(bomb)], "expands to more than 100,000 values"),
+            (["--config", str(outer)], "expands to more than 100,000 values"),
+            (["--trainer", str(fifo)], f"--trainer: {fifo} is a FIFO, not a regular file"),
+            (["--config", str(fifo)], f"--config: {fifo} is a FIFO"),
+            (["--config", str(nested_fifo)], f"a config: {fifo} is a FIFO"),
+        ]:
+            assert says in one_error(*caltech("fit", *options(tmp_path, image_folder), *more, capsys=capsys))
 
 
 EVIL = """import pathlib

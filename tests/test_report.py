@@ -42,6 +42,16 @@ def test_top_losses_and_most_confused_pairs():
     assert tables.confused_pairs(no_mistakes, labels, 3) == []
 
 
+def test_a_class_without_images_has_no_accuracy_rather_than_zero(tmp_path):
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1]])
+    rows = tables.per_class(probs, torch.tensor([0, 0, 1]), ["a", "b", "c"])
+    assert [row["accuracy"] for row in rows] == [0.5, 1.0, None] and rows[2]["average_precision"] is None
+    tables.write_per_class(rows, tmp_path / "per_class.csv")
+    written = csv_rows(tmp_path / "per_class.csv")
+    assert written[2]["support"] == "0" and written[2]["accuracy"] == "" and written[2]["precision"] == "0.000000"
+    pictures.draw_pr_curves(probs, torch.tensor([0, 0, 1]), ["a", "b", "c"], tmp_path / "pr.png", rows)
+
+
 @pytest.mark.hostile
 def test_per_class_cells_cannot_be_formulas(tmp_path):
     probs = torch.tensor([[0.8, 0.2], [0.3, 0.7]])

@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 
 from caltech_cli.errors import CaltechError
+from caltech_cli.files import no_link_below
 
 
 def rng_states() -> dict[str, Any]:
@@ -111,12 +112,15 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             f"{self.last_model_path}; `caltech fit --ckpt_path {self.last_model_path}` resumes from it"
         )
 
-    @staticmethod
-    def best_link(trainer: pl.Trainer) -> Path:
+    def best_link(self, trainer: pl.Trainer) -> Path:
         """``<trainer.default_root_dir>/best.ckpt``, refused while something this tool did not make
-        is there: only a link to a checkpoint (the one an earlier fit made) is replaced."""
+        is there: only a link to a checkpoint in this callback's folder (the one an earlier fit
+        made) is replaced, never the user's own file or link."""
         link = Path(trainer.default_root_dir) / "best.ckpt"
-        ours = link.is_symlink() and os.readlink(link).endswith(".ckpt")
+        ours = False
+        if link.is_symlink() and self.dirpath:
+            target = link.parent / os.readlink(link)
+            ours = target.suffix == ".ckpt" and target.resolve().parent == Path(self.dirpath).resolve()
         if (link.exists() or link.is_symlink()) and not ours:
             kind = "link to something else" if link.is_symlink() else "folder" if link.is_dir() else "file"
             raise CaltechError(
@@ -126,8 +130,11 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         return link
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse before training, not after it, when best.ckpt could not be linked."""
+        """Refuse before training, not after it, when best.ckpt could not be linked, or the
+        checkpoints' folder in the run is a link to elsewhere."""
         super().on_fit_start(trainer, pl_module)
+        if self.dirpath:
+            no_link_below(Path(trainer.default_root_dir), Path(self.dirpath), "checkpoint.dirpath")
         self.best_link(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -11,7 +11,8 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
 from caltech_cli.callbacks.wandb_runs import wandb_loggers
-from caltech_cli.files import writable_folder
+from caltech_cli.errors import CaltechError
+from caltech_cli.files import no_link_below, writable_folder
 from caltech_cli.metrics import LEFT_OUT
 from caltech_cli.report import write_test_report
 from caltech_cli.report.pictures import mistake_caption, thumbnail
@@ -48,6 +49,17 @@ class TestReport(Callback):
         confused_pairs: int = 8,
         confused_examples: int = 5,
     ) -> None:
+        for option, value, most in (
+            ("samples", samples, 256),
+            ("top_losses", top_losses, 256),
+            ("confused_pairs", confused_pairs, 64),
+            ("confused_examples", confused_examples, 32),
+        ):
+            if not 0 <= value <= most:
+                raise CaltechError(
+                    f"report.{option} {value} cannot work: the report shows 0 to {most} of them. "
+                    f"Fix: pass --report.{option} in that range."
+                )
         self.output = output
         self.samples = samples
         self.seed = seed
@@ -56,6 +68,15 @@ class TestReport(Callback):
         self.confused_examples = confused_examples
         self._probs: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a report folder that cannot be written before any image is scored."""
+        self.folder(trainer)
+
+    def folder(self, trainer: pl.Trainer) -> Path:
+        folder = Path(self.output) if self.output else Path(trainer.default_root_dir) / "report"
+        no_link_below(Path(trainer.default_root_dir), folder, "report.output")
+        return writable_folder(folder, "report.output")
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._probs, self._labels = [], []
@@ -75,9 +96,7 @@ class TestReport(Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not self._probs:
             return
-        folder = writable_folder(
-            Path(self.output) if self.output else Path(trainer.default_root_dir) / "report", "report.output"
-        )
+        folder = self.folder(trainer)
         probs, labels, names = torch.cat(self._probs), torch.cat(self._labels), pl_module.class_names
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         files = getattr(getattr(trainer.datamodule, "test_set", None), "files", None)

@@ -10,6 +10,7 @@ from PIL import Image
 from pytorch_lightning.callbacks import Callback
 
 from caltech_cli.callbacks.wandb_runs import wandb_loggers
+from caltech_cli.errors import CaltechError
 from caltech_cli.report import fixed_sample
 from caltech_cli.report.pictures import thumbnail
 
@@ -23,11 +24,16 @@ class WandbValidationSamples(Callback):
     there after ``wandb sync`` too.
 
     Args:
-        samples: Validation images logged.
+        samples: Validation images logged (0 to 256; 0 logs none).
         seed: Chooses those images; the same ones in every epoch, so epochs compare.
     """
 
     def __init__(self, samples: int = 16, seed: int = 0) -> None:
+        if not 0 <= samples <= 256:
+            raise CaltechError(
+                f"wandb_samples.samples {samples} cannot work: 0 to 256 images are logged. "
+                "Fix: pass --wandb_samples.samples in that range."
+            )
         self.samples = samples
         self.seed = seed
         self._thumbnails: list[Image.Image] = []
@@ -36,13 +42,15 @@ class WandbValidationSamples(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loggers = wandb_loggers(trainer)
         images = getattr(trainer.datamodule, "val_set", None)
-        if not loggers or images is None or trainer.sanity_checking or not trainer.is_global_zero:
+        if not loggers or not self.samples or images is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
         import wandb
 
         # Among the images the validation could read (data.skip_bad_images leaves the others out).
         readable = [i for i in range(len(images)) if not images.failed[i]]
         chosen = [readable[i] for i in fixed_sample(len(readable), self.samples, self.seed)]
+        if not chosen:
+            return
         if not self._thumbnails:
             self._thumbnails = [thumbnail(images.files[i], 128, square=True) for i in chosen]
             self._cells = [wandb.Image(thumb) for thumb in self._thumbnails]

@@ -100,7 +100,8 @@ def draw_pr_curves(
         label=f"macro average (AP {average_precision(probs, labels, 'macro'):.3f})",
     )
     left.set_title("All classes")
-    weakest = sorted(range(n), key=lambda i: rows[i]["average_precision"])[:worst]
+    scored = [i for i in range(n) if rows[i]["average_precision"] is not None]
+    weakest = sorted(scored, key=lambda i: rows[i]["average_precision"])[:worst]
     precision, recall, _ = multiclass_precision_recall_curve(probs, labels, n)
     for i in weakest:
         right.plot(

@@ -29,21 +29,26 @@ OPTION = "report.output"
 
 
 def per_class(probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str]) -> list[dict]:
-    """Support, accuracy, precision, recall and average precision of each class."""
+    """Support, accuracy, precision, recall and average precision of each class; a class without
+    images in the set has no accuracy, recall or average precision (None), not 0."""
     n = len(names)
     preds = probs.argmax(dim=1)
     precision = multiclass_precision(preds, labels, n, average=None)
     recall = multiclass_recall(preds, labels, n, average=None)
     ap = multiclass_average_precision(probs, labels, n, average=None)
     support = torch.bincount(labels, minlength=n)
+
+    def present(value: torch.Tensor, i: int) -> float | None:
+        return float(value[i]) if support[i] else None
+
     return [
         {
             "class": name,
             "support": int(support[i]),
-            "accuracy": float(recall[i]),  # per-class accuracy is the recall of that class
+            "accuracy": present(recall, i),  # per-class accuracy is the recall of that class
             "precision": float(precision[i]),
-            "recall": float(recall[i]),
-            "average_precision": float(ap[i]),
+            "recall": present(recall, i),
+            "average_precision": present(ap, i),
         }
         for i, name in enumerate(names)
     ]
@@ -56,7 +61,13 @@ def write_per_class(rows: list[dict], path: Path) -> None:
         for row in rows:
             writer.writerow(
                 {
-                    k: f"{v:.6f}" if isinstance(v, float) else text_cell(v) if isinstance(v, str) else v
+                    k: f"{v:.6f}"
+                    if isinstance(v, float)
+                    else text_cell(v)
+                    if isinstance(v, str)
+                    else ""
+                    if v is None
+                    else v
                     for k, v in row.items()
                 }
             )

@@ -16,6 +16,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from caltech_cli.callbacks import BestAndLastCheckpoint
+from caltech_cli.errors import CaltechError
 
 from conftest import as_from_a_terminal, caltech, fills_the_disk, one_error, options, run_caltech, small_run
 
@@ -108,11 +109,31 @@ def test_a_file_named_best_ckpt_is_never_replaced(image_folder, tmp_path, capsys
 
 @pytest.mark.hostile
 def test_best_ckpt_link_of_an_earlier_fit_is_replaced(tmp_path):
-    checkpoint = BestAndLastCheckpoint()
+    checkpoint = BestAndLastCheckpoint(dirpath=tmp_path / "checkpoints")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "best.ckpt").symlink_to("checkpoints/best-epoch00-val_acc0.5000.ckpt")
     trainer = SimpleNamespace(default_root_dir=str(tmp_path))
     assert checkpoint.best_link(trainer) == tmp_path / "best.ckpt"
+
+
+@pytest.mark.hostile
+def test_a_link_of_the_users_named_best_ckpt_is_left_alone(tmp_path):
+    checkpoint = BestAndLastCheckpoint(dirpath=tmp_path / "checkpoints")
+    (tmp_path / "mine.ckpt").write_text("the user's own checkpoint\n")
+    (tmp_path / "best.ckpt").symlink_to(tmp_path / "mine.ckpt")
+    with pytest.raises(CaltechError, match="link to something else was not made by caltech"):
+        checkpoint.best_link(SimpleNamespace(default_root_dir=str(tmp_path)))
+
+
+@pytest.mark.hostile
+def test_a_checkpoints_folder_that_links_elsewhere_is_refused_before_training(image_folder, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "checkpoints").symlink_to(elsewhere)
+    line = one_error(*caltech("fit", *options(tmp_path, image_folder), capsys=capsys))
+    assert "checkpoint.dirpath" in line and "is a symbolic link" in line
+    assert not list(elsewhere.iterdir())
 
 
 @pytest.mark.hostile

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import CLASSES, TRANSFER, draw, printed_metrics, run_caltech
+from conftest import (
+    CLASSES,
+    TRANSFER,
+    caltech,
+    csv_rows,
+    damaged_png,
+    draw,
+    old_checkpoint,
+    one_error,
+    printed_metrics,
+    run_caltech,
+)
 
 REPORT_FILES = {
     "metrics.json",
@@ -142,3 +154,73 @@ def test_report_shows_the_truly_worst_test_images(trained_run, tmp_path):
     assert ("circles", "stripes") in mistakes and ("stripes", "circles") in mistakes
     with Image.open(tmp_path / "report" / "most_confused.png") as image:
         assert image.size[1] >= 2 * 240, "a row for each confused pair"
+
+
+def split_copy(image_folder: Path, root: Path, test_classes: tuple[str, ...]) -> Path:
+    """``root/{train,val,test}/<class>/`` from the generated images; test/ holds only ``test_classes``."""
+    for split, numbers, classes in (
+        ("train", range(1, 7), CLASSES),
+        ("val", range(7, 10), CLASSES),
+        ("test", range(10, 13), test_classes),
+    ):
+        for kind in classes:
+            (root / split / kind).mkdir(parents=True)
+            for i in numbers:
+                shutil.copy(image_folder / kind / f"image_{i:04d}.jpg", root / split / kind)
+    return root
+
+
+def scored_on(root: Path, tmp_path: Path, *more: str) -> list[str]:
+    return old_checkpoint(
+        tmp_path, "test", "--data", "ImageFolderDataModule", "--data.root", str(root), "--data.num_workers", "0",
+        "--trainer.logger", "false", *more,
+    )  # fmt: skip
+
+
+@pytest.mark.hostile
+def test_mean_per_class_accuracy_leaves_out_a_class_without_test_images(image_folder, tmp_path, capsys):
+    """A test set without one class: its row has no accuracy, and acc_macro is the mean over the
+    classes that have test images (torchmetrics' macro average would count it as 0)."""
+    root = split_copy(image_folder, tmp_path / "photos", ("circles", "stripes"))
+    status, stderr = caltech(*scored_on(root, tmp_path), capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    report = tmp_path / "runs" / "report"
+    rows = {row["class"]: row for row in csv_rows(report / "per_class.csv")}
+    assert rows["squares"]["support"] == "0" and rows["squares"]["accuracy"] == ""
+    present = [float(rows[name]["accuracy"]) for name in ("circles", "stripes")]
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["test/acc_macro"] == pytest.approx(sum(present) / 2, abs=1e-6)
+
+
+@pytest.mark.hostile
+def test_a_test_set_of_only_unreadable_images_scores_nothing(image_folder, tmp_path, capsys):
+    root = split_copy(image_folder, tmp_path / "photos", ())
+    for kind in CLASSES:
+        (root / "test" / kind).mkdir(parents=True)
+        damaged_png(root / "test" / kind / "bad.png", checksum_intact=True)
+    line = one_error(*caltech(*scored_on(root, tmp_path, "--data.skip_bad_images", "true"), capsys=capsys))
+    assert "no test image could be read, so there is nothing to score" in line
+    assert not (tmp_path / "runs" / "report" / "metrics.json").exists()
+
+
+@pytest.mark.hostile
+def test_a_report_folder_that_links_elsewhere_is_refused(image_folder, tmp_path, capsys):
+    root = split_copy(image_folder, tmp_path / "photos", tuple(CLASSES))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "report").symlink_to(elsewhere)
+    line = one_error(*caltech(*scored_on(root, tmp_path), capsys=capsys))
+    assert "report.output" in line and "is a symbolic link" in line
+    assert not list(elsewhere.iterdir())
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("command", ["test", "validate", "predict"])
+def test_scoring_runs_on_one_device(image_folder, tmp_path, capsys, command):
+    """On several processes each would score its own padded share of the images."""
+    more = ["--data.predict_dir", str(image_folder / "circles")] if command == "predict" else []
+    args = old_checkpoint(tmp_path, command, "--data.source", str(image_folder), "--trainer.logger", "false", *more)
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    line = one_error(*caltech(*args, *ddp, capsys=capsys))
+    assert f"{command} runs on one device" in line and "--trainer.devices 1" in line

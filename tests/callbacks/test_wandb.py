@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import CLASSES
+from conftest import CLASSES, run_caltech, small_run
 
 
 @pytest.mark.e2e
@@ -48,3 +48,13 @@ def test_wandb_offline_runs_keep_the_pictures_as_files(trained_run):
     assert len(worst) == 9, "every test image (9 < 18) as a captioned image"
     assert any((test_run / "files" / "media" / "images" / "test" / "report").glob("most_confused_*.png"))
     assert b"loss " in next(test_run.glob("run-*.wandb")).read_bytes()
+
+
+@pytest.mark.e2e
+def test_no_validation_samples_is_a_choice(image_folder, tmp_path):
+    """--wandb_samples.samples 0 logs none (it used to stop the fit after its first epoch)."""
+    fit = run_caltech("fit", *small_run(tmp_path, str(image_folder)), "--trainer.max_epochs", "1",
+                      "--wandb_samples.samples", "0", cwd=tmp_path)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (run,) = tmp_path.glob("runs/wandb/offline-run-*")
+    assert not list(run.rglob("samples_*")) and not list(run.rglob("sample_images_*")), "no samples logged"
