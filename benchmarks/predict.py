@@ -33,9 +33,9 @@ import yaml
 from common import REPO, add_device_options, autocast, caltech, device_of, device_options, precision_of, synchronize
 from torch.utils.data import DataLoader
 
-from caltech_cli.export import load_for_export
 from caltech_cli.images import UnlabelledImages, find_images
 from caltech_cli.loading import default_num_workers
+from caltech_cli.model import load_trained
 from caltech_cli.transforms import eval_transform
 
 CONFIG = REPO / "configs" / "transfer.yaml"
@@ -68,7 +68,7 @@ def predict(ckpt: Path, folder: Path, work: Path, args, tta: bool = False) -> fl
 def plain(ckpt: Path, files: list[Path], args) -> float:
     device, precision = device_of(args.accelerator), precision_of(args)
     # Not LightningModule.load_from_checkpoint: it honours a checkpoint's `_instantiator` (CVE-2026-58659).
-    model, pre = load_for_export(ckpt)
+    model, pre = load_trained(ckpt)
     model.to(device, memory_format=torch.channels_last)
     dataset = UnlabelledImages(files, eval_transform(pre), pre.crop_size, pre.resize_size)
     loader = DataLoader(

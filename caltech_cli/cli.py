@@ -289,8 +289,9 @@ EXPECTED_WARNINGS = (
 
 DESCRIPTION = (
     "Transfer learning on images: fit, validate, test and predict with a torchvision backbone. "
-    "Two more commands: `caltech compare RUN_DIR...` (curves and test metrics side by side) and "
-    "`caltech export --ckpt_path CKPT --format onnx|torchscript`; each takes --help."
+    "Three more commands: `caltech compare RUN_DIR...` (curves and test metrics side by side), "
+    "`caltech export --ckpt_path CKPT --format onnx|torchscript` and `caltech serve --ckpt_path CKPT` (a local "
+    "HTTP API and page); each takes --help."
 )
 
 
@@ -343,7 +344,14 @@ def make_cli(args: ArgsType = None, run: bool = True) -> CaltechCLI:
 
 
 # Commands that are not Trainer methods, with their own small parsers.
-OTHER_COMMANDS = {"compare": compare.main, "export": export.main}
+def _serve(args: list[str]) -> None:
+    """``caltech serve``, imported only when asked for: its server libraries cost the other commands' start-up."""
+    from caltech_cli.serve.command import main as serve
+
+    serve(args)
+
+
+OTHER_COMMANDS = {"compare": compare.main, "export": export.main, "serve": _serve}
 
 
 def _caltech_error_in(error: BaseException | None) -> CaltechError | None:

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 from caltech_cli.errors import CaltechError
 from caltech_cli.files import text_written, writable_folder, write_text
 from caltech_cli.history import HISTORY, read_history
+from caltech_cli.report.page import comparison_page
 from caltech_cli.report.pictures import save
 from caltech_cli.text import printable, text_cell
 
@@ -53,8 +54,26 @@ def read_test_metrics(run: Path) -> dict[str, float]:
         ) from error
 
 
+def read_class_accuracy(run: Path) -> dict[str, float]:
+    """Each class's test accuracy in a run's latest test (``report/per_class.csv``); {} without one."""
+    path = run / "report" / "per_class.csv"
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            # A class without test images has no accuracy (an empty cell).
+            rows = csv.DictReader(file)
+            return {printable(row["class"]): float(row["accuracy"]) for row in rows if row["accuracy"] != ""}
+    except (ValueError, TypeError, KeyError, csv.Error) as error:
+        raise CaltechError(
+            f"{path} is damaged ({str(error).splitlines()[0][:120]}): it is not the table `caltech test` writes. "
+            "Fix: run `caltech test` for that run again, or delete it."
+        ) from error
+
+
 def compare(runs: list[Path], output: Path) -> list[Path]:
-    """Draw val/acc and val/loss per epoch of each run, and tabulate their test metrics."""
+    """Draw val/acc and val/loss per epoch of each run, and tabulate their test metrics: as a
+    picture, CSV, Markdown, and one HTML page with each class's accuracy in each run."""
     histories = {run: run_history(run) for run in runs}
     names = {run: printable(run.name or str(run)) for run in runs}
     writable_folder(output, "output")
@@ -74,12 +93,13 @@ def compare(runs: list[Path], output: Path) -> list[Path]:
     save(fig, picture, 110, "output")
 
     header = ["run", "epochs", *(f"best {key}" for key in VAL_COLUMNS), *TEST_COLUMNS]
-    rows = []
+    rows, values = [], []
     for run, history in histories.items():
         test = read_test_metrics(run)
         best = [max((row[key] for row in history if key in row), default=None) for key in VAL_COLUMNS]
-        cells = [names[run], str(len(history)), *("" if value is None else f"{value:.4f}" for value in best)]
-        rows.append(cells + [f"{test[c]:.4f}" if c in test else "" for c in TEST_COLUMNS])
+        numbers = [*best, *(test.get(c) for c in TEST_COLUMNS)]
+        values.append([names[run], len(history), *("" if value is None else value for value in numbers)])
+        rows.append([names[run], str(len(history)), *("" if value is None else f"{value:.4f}" for value in numbers)])
     table_csv = output / "comparison.csv"
     with text_written(table_csv, "output") as f:
         csv.writer(f).writerows([header, *([text_cell(row[0]), *row[1:]] for row in rows)])
@@ -88,7 +108,13 @@ def compare(runs: list[Path], output: Path) -> list[Path]:
     # A "|" in a run's name would end its cell.
     lines += ["| " + " | ".join((cell or "–").replace("|", "\\|") for cell in row) + " |" for row in rows]
     write_text(table_md, "\n".join(lines) + "\n", "output")
-    return [picture, table_md, table_csv]
+    classes = {run: read_class_accuracy(run) for run in runs}
+    per_class = {
+        name: [classes[run].get(name) for run in runs] for name in dict.fromkeys(c for r in classes.values() for c in r)
+    }
+    table_html = output / "comparison.html"
+    write_text(table_html, comparison_page(list(names.values()), values, header, per_class, picture), "output")
+    return [picture, table_md, table_csv, table_html]
 
 
 def main(args: list[str]) -> None:
@@ -100,7 +126,7 @@ def main(args: list[str]) -> None:
         "--output",
         type=Path,
         default=Path("comparison"),
-        help="folder for comparison.png, comparison.md and comparison.csv (default: comparison)",
+        help="folder for comparison.png, .md, .csv and .html (default: comparison)",
     )
     options = parser.parse_args(args)
     written = compare(options.runs, options.output)

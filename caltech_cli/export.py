@@ -25,11 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from caltech_cli.backbones import preprocessing_for
-from caltech_cli.checkpoints import read_checkpoint
 from caltech_cli.errors import CaltechError
 from caltech_cli.files import check_target, read_json_record, writable_file, write_text, written_whole
-from caltech_cli.model import MODEL_OPTIONS, TransferClassifier
+from caltech_cli.model import TransferClassifier, load_trained
 from caltech_cli.transforms import Preprocessing
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -50,33 +48,6 @@ class Probabilities(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone((images - self.mean) / self.std)).softmax(dim=1)
-
-
-def load_for_export(ckpt_path: Path) -> tuple[TransferClassifier, Preprocessing]:
-    """The checkpoint's model in eval mode on the CPU, and the preprocessing it was trained with.
-
-    The backbone is built without its pretrained weights (the checkpoint holds all of them), so
-    exporting needs no download.
-    """
-    checkpoint = read_checkpoint(ckpt_path, MODEL_OPTIONS)
-    saved = checkpoint["hyper_parameters"]
-    model = TransferClassifier(
-        backbone=saved["backbone"],
-        weights=None,
-        freeze_backbone=False,
-        class_names=saved["class_names"],
-        image_size=saved.get("image_size"),
-        channels_last=False,
-    )
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise CaltechError(
-            f"the weights in {ckpt_path} do not fit the {saved['backbone']} it names ({str(error).splitlines()[0]}): "
-            "it was altered or damaged. Fix: pass a .ckpt written by `caltech fit`."
-        ) from error
-    model.eval()
-    return model, preprocessing_for(saved["backbone"], saved.get("weights"), saved.get("image_size"))
 
 
 def metadata(model: TransferClassifier, preprocessing: Preprocessing, ckpt_path: Path) -> dict[str, Any]:
@@ -180,7 +151,7 @@ def export(ckpt_path: Path, format: str = "onnx", output: Path | None = None) ->
         raise CaltechError(f"unknown export format {format!r}. Fix: pass --format onnx or --format torchscript.")
     output = writable_file(output or ckpt_path.with_suffix(FORMATS[format]), "output")
     _check_outputs(ckpt_path, output, format)
-    model, preprocessing = load_for_export(ckpt_path)
+    model, preprocessing = load_trained(ckpt_path)
     network = Probabilities(model, preprocessing).eval()
     size = preprocessing.crop_size
     generator = torch.Generator().manual_seed(0)

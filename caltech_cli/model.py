@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -13,11 +14,12 @@ from pytorch_lightning import LightningModule
 from torch import nn
 from torchmetrics import MetricCollection
 
-from caltech_cli.backbones import resolve_backbone
-from caltech_cli.checkpoints import check_state_fits
+from caltech_cli.backbones import preprocessing_for, resolve_backbone
+from caltech_cli.checkpoints import check_state_fits, read_checkpoint
 from caltech_cli.devices import CPU_BATCH, full_batch, warm_up
 from caltech_cli.errors import CaltechError
 from caltech_cli.metrics import LEFT_OUT, inverse_frequency, stage_metrics
+from caltech_cli.transforms import Preprocessing
 
 
 class TransferClassifier(LightningModule):
@@ -354,3 +356,26 @@ class TransferClassifier(LightningModule):
 
 # The options a checkpoint may save: the model's own (``checkpoints.read_checkpoint`` refuses others).
 MODEL_OPTIONS = frozenset(inspect.signature(TransferClassifier).parameters)
+
+
+def load_trained(ckpt_path: Path, channels_last: bool = False) -> tuple[TransferClassifier, Preprocessing]:
+    """The model of a checkpoint that ``caltech fit`` wrote, in eval mode on the CPU, and the
+    preprocessing it was trained with (``export`` and ``serve`` run it outside Lightning).
+
+    The backbone is built without its pretrained weights (the checkpoint holds all of them), so
+    this needs no download.
+    """
+    checkpoint = read_checkpoint(ckpt_path, MODEL_OPTIONS)
+    saved = checkpoint["hyper_parameters"]
+    model = TransferClassifier(
+        backbone=saved["backbone"],
+        weights=None,
+        freeze_backbone=False,
+        class_names=saved["class_names"],
+        image_size=saved.get("image_size"),
+        channels_last=channels_last,
+    )
+    check_state_fits(checkpoint["state_dict"], model, f"the checkpoint {ckpt_path}")
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model, preprocessing_for(saved["backbone"], saved.get("weights"), saved.get("image_size"))

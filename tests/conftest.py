@@ -24,6 +24,7 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -512,3 +513,85 @@ def one_error(status: int, stderr: str) -> str:
 
 def options(tmp_path: Path, source: Path | str, *more: str) -> list[str]:
     return [*small_run(tmp_path, str(source)), "--trainer.logger", "false", "--trainer.max_epochs", "1", *more]
+
+
+# -- the server and the browser ---------------------------------------------------------------
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Chromium as a test drives it here: headless, and asking the network for nothing of its own.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+
+
+def photos(folder: Path, count: int = 6) -> list[Path]:
+    """Generated images of the three classes, as `predict` and the server both see them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    paths = []
+    for i in range(count):
+        path = folder / f"{list(CLASSES)[i % 3]}_{i}.jpg"
+        draw(list(CLASSES)[i % 3], rng).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def upload(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """Files as httpx posts them in a multipart form."""
+    return [("files", (path.name, path.read_bytes(), "image/jpeg")) for path in paths]
+
+
+@dataclass
+class Server:
+    """A ``caltech serve`` running in a process of its own, at ``url``."""
+
+    process: subprocess.Popen
+    url: str
+
+
+@contextmanager
+def serving(*options: str, cwd: Path) -> Iterator[Server]:
+    """Start ``caltech serve`` with ``options`` on a free port of 127.0.0.1, wait until it answers,
+    and stop it after the block."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    assert test in END_TO_END, f"{test} starts caltech in a subprocess: mark it @pytest.mark.e2e"
+    command = [str(Path(sys.executable).with_name("caltech")), "serve", *options, "--port", "0"]
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = process.stdout.readline()
+        found = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
+        assert found, line + process.stdout.read()[-3000:]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(found[1] + "health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        yield Server(process, found[1])
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def watched(browser: object) -> tuple[object, list[str]]:
+    """A new page, and the list of every URL it requests."""
+    page = browser.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    return page, requested
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[object]:
+    """Debian's Chromium, headless, driven by Playwright (which downloads no browser of its own)."""
+    assert CHROMIUM.exists(), "the browser tests need Debian's chromium: apt-get install chromium (.ci/setup does)"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()

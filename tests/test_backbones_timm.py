@@ -17,8 +17,9 @@ from test_export import resized
 
 from caltech_cli.backbones import preprocessing_for, resolve_backbone
 from caltech_cli.errors import CaltechError
-from caltech_cli.export import export, load_for_export
+from caltech_cli.export import export
 from caltech_cli.images import load_rgb
+from caltech_cli.model import load_trained
 from caltech_cli.transforms import eval_transform
 
 from conftest import CLASSES, FINETUNE, run_caltech, small_run
@@ -198,7 +199,7 @@ def test_fit_test_predict_export_with_weights_from_the_hub_cache(tar_archive, tm
     rows = (tmp_path / "runs" / "predictions.csv").read_text().splitlines()
     assert len(rows) == 1 + 12 and all(row.split(",")[1] in CLASSES for row in rows[1:])
 
-    model, pre = load_for_export(best)
+    model, pre = load_trained(best)
     assert (pre.crop_size, pre.mean, pre.interpolation) == (64, (0.5, 0.5, 0.5), "bicubic")
     paths = sorted((tmp_path / "data" / "101_ObjectCategories").rglob("image_000[1-2].jpg"))
     with torch.no_grad():

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import re
 
 import pytest
 import torch
 
-from caltech_cli.report import pictures, tables
+from caltech_cli.report import pictures, stats, tables, write_test_report
 
-from conftest import csv_rows
+from conftest import CLASSES, caltech, csv_rows, old_checkpoint, watched
 
 
 def test_top_losses_and_most_confused_pairs():
@@ -87,3 +88,80 @@ def test_class_names_with_dollars_are_drawn_as_text(tmp_path):
     pictures.draw_confusion_matrix(probs, labels, names, tmp_path / "cm.png")
     pictures.draw_pr_curves(probs, labels, names, tmp_path / "pr.png", tables.per_class(probs, labels, names))
     assert (tmp_path / "cm.png").stat().st_size > 1000 and (tmp_path / "pr.png").stat().st_size > 1000
+
+
+def confident_model(count: int = 200, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities of a model right about 70% of the time, with the labels."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(classes, (count,), generator=generator)
+    logits = torch.randn(count, classes, generator=generator)
+    logits[torch.arange(count), labels] += 1.5
+    return logits.softmax(dim=1), labels
+
+
+def test_headline_figures_are_torchmetrics_own_with_intervals_around_them():
+    from torchmetrics.functional.classification import multiclass_calibration_error, multiclass_f1_score
+
+    probs, labels = confident_model()
+    estimates = stats.headline(probs, labels, resamples=300)
+    predicted = probs.argmax(dim=1)
+    assert estimates["acc"].value == pytest.approx(float((predicted == labels).float().mean()))
+    assert estimates["acc_macro"].value == pytest.approx(
+        float(sum((predicted[labels == c] == c).float().mean() for c in range(4)) / 4)
+    )
+    assert estimates["f1_macro"].value == pytest.approx(float(multiclass_f1_score(probs, labels, 4, average="macro")))
+    assert estimates["ece"].value == pytest.approx(
+        float(multiclass_calibration_error(probs, labels, 4, n_bins=15, norm="l1")), abs=1e-6
+    )
+    for estimate in estimates.values():
+        assert estimate.low <= estimate.value <= estimate.high and estimate.high - estimate.low < 0.3
+    assert stats.headline(probs, labels, resamples=300) == estimates, "the same report on every run"
+
+
+def test_a_label_the_model_contradicts_with_confidence_is_a_doubt():
+    probs, labels = confident_model()
+    flipped = int((probs.argmax(dim=1) == labels).nonzero()[0])  # an image the model gets right...
+    labels = labels.clone()
+    labels[flipped] = (labels[flipped] + 1) % 4  # ...labelled wrongly
+    probs[flipped] = torch.tensor([0.0, 0.0, 0.0, 0.0]).index_fill_(0, probs[flipped].argmax(), 1.0) * 0.97 + 0.0075
+    assert flipped in stats.label_doubts(probs, labels, 12)
+
+
+@pytest.mark.hostile
+def test_the_html_report_is_one_file_that_loads_nothing_and_escapes_every_name(tmp_path, image_folder):
+    names = ["<img src=x onerror=alert(1)>", "a&b", '"quoted"']
+    files = [image_folder / kind / f"image_{i:04d}.jpg" for kind in CLASSES for i in range(1, 5)]
+    labels = torch.tensor([i // 4 for i in range(12)])
+    probs = torch.full((12, 3), 0.1).index_fill_(1, torch.tensor([0]), 0.8)
+    write_test_report(tmp_path, probs, labels, names, {"test/acc": 1 / 3}, files, provenance={"data": "<b>x</b>"})
+    text = (tmp_path / "index.html").read_text()
+    assert "<img src=x" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text and "&lt;b&gt;x&lt;/b&gt;" in text
+    assert "default-src 'none'" in text
+    sources = re.findall(r"""src=["']([^"']*)""", text)
+    assert sources and all(source.startswith("data:image/") for source in sources)
+    assert not re.search(r"(?:href|src)=[\"']?(?:https?:)?//", text), "nothing from elsewhere"
+
+
+@pytest.mark.e2e
+def test_the_report_opens_from_its_file_and_its_table_sorts(chromium, image_folder, tmp_path, capsys):
+    args = old_checkpoint(tmp_path, "test", "--data.source", str(image_folder), "--trainer.logger", "false")
+    status, stderr = caltech(*args, capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    report = tmp_path / "runs" / "report" / "index.html"
+    page, requested = watched(chromium)
+    page.goto(report.as_uri())
+    assert "mean per-class accuracy" in page.locator("table.metrics").inner_text()
+    header = page.locator("#per-class th", has_text="recall")
+    column = [h.inner_text() for h in page.locator("#per-class th").all()].index("recall")
+
+    def recalls() -> list[float]:
+        cells = page.locator(f"#per-class tbody tr td:nth-child({column + 1})").all()
+        return [float(cell.get_attribute("data-value")) for cell in cells]
+
+    header.click()
+    assert recalls() == sorted(recalls()) and header.get_attribute("aria-sort") == "ascending"
+    header.click()
+    assert recalls() == sorted(recalls(), reverse=True) and header.get_attribute("aria-sort") == "descending"
+    assert page.locator(".gallery img").count() > 0, "thumbnails shown"
+    page.close()
+    assert requested and all(url.startswith(("file://", "data:")) for url in requested), requested

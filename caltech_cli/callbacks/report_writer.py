@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import platform
+from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,36 @@ from caltech_cli.files import no_link_below, writable_folder
 from caltech_cli.metrics import LEFT_OUT
 from caltech_cli.report import write_test_report
 from caltech_cli.report.pictures import mistake_caption, thumbnail
+from caltech_cli.report.stats import class_counts
+
+# The packages whose versions a report names.
+VERSIONED = ("caltech-cli", "torch", "torchvision", "pytorch-lightning", "torchmetrics")
+
+
+def provenance(trainer: pl.Trainer, model: pl.LightningModule) -> dict[str, str]:
+    """Where a test's numbers come from: the data and its split, the network, the versions and the
+    machine, as the report's first table shows them."""
+    data = trainer.datamodule
+    hparams = model.hparams
+    splits = getattr(data, "splits", {})
+    sizes = {name: len(part) for name, part in splits.items()}
+    train = sorted(class_counts(splits["train"].labels, len(model.class_names or []))) if "train" in splits else []
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "checkpoint": str(trainer.ckpt_path or "(the model in memory)"),
+        "data": str(getattr(data, "root", "")),
+        "classes": str(len(model.class_names or [])),
+        "images": ", ".join(f"{count} {name}" for name, count in sizes.items()),
+        "train images per class": f"{train[0]} to {train[-1]}, median {train[len(train) // 2]}" if train else "",
+        "split fingerprint": str(getattr(data, "fingerprint", "") or ""),
+        "split seed, global seed": f"{getattr(data, 'seed', '')}, {os.environ.get('PL_GLOBAL_SEED', 'not set')}",
+        "test-time augmentation": "image and mirror image" if getattr(data, "tta_flip", False) else "none",
+        "backbone, weights": f"{hparams.get('backbone')}, {hparams.get('weights')}",
+        "preprocessing": str(getattr(model, "preprocessing", "")),
+        "device, precision": f"{trainer.strategy.root_device}, {trainer.precision}",
+        "versions": ", ".join(f"{name} {version(name)}" for name in VERSIONED)
+        + f", Python {platform.python_version()}",
+    }
 
 
 class TestReport(Callback):
@@ -119,6 +153,7 @@ class TestReport(Callback):
             self.top_losses,
             self.confused_pairs,
             self.confused_examples,
+            provenance(trainer, pl_module),
         )
         for logger in wandb_loggers(trainer):
             import wandb
@@ -137,6 +172,7 @@ class TestReport(Callback):
                     ),
                     **{f"test/report/{p.stem}": wandb.Image(str(p)) for p in written.pictures},
                     **({"test/top_losses": mistakes} if mistakes else {}),
+                    "test/report": wandb.Html((folder / "index.html").read_text(encoding="utf-8"), inject=False),
                 }
             )
         rank_zero_info(f"Wrote the test report to {folder}: {', '.join(p.name for p in sorted(folder.iterdir()))}")

@@ -122,6 +122,27 @@ def draw_pr_curves(
     save(fig, path, 110)
 
 
+def draw_reliability(points: Sequence[tuple[float, float, int]], ece: float, path: Path) -> None:
+    """The reliability diagram: accuracy against confidence per confidence bin (``stats.reliability``);
+    a calibrated model lies on the diagonal."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="calibrated")
+    if points:
+        confidence, accuracy, counts = zip(*points)
+        ax.plot(confidence, accuracy, "o-", color=RIGHT, label="test images")
+        for x, y, n in points:
+            ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color="grey")
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"Reliability (expected calibration error {ece:.3f}); numbers: images per bin", fontsize=9)
+    fig.tight_layout()
+    save(fig, path, 110)
+
+
 def draw_prediction_grid(
     files: Sequence[Path], probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str], path: Path, columns: int = 6
 ) -> None:

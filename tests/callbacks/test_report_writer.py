@@ -34,6 +34,8 @@ REPORT_FILES = {
     "top_losses.csv",
     "most_confused.png",
     "most_confused.csv",
+    "reliability.png",
+    "index.html",
 }
 
 

@@ -1,0 +1,120 @@
+"""``caltech serve``: a checkpoint or an exported ONNX file behind a local HTTP server.
+
+    caltech serve --ckpt_path runs/transfer/best.ckpt            # http://127.0.0.1:8000/
+    curl -F files=@photo.jpg http://127.0.0.1:8000/predict       # the top classes, as JSON
+
+``POST /predict`` takes images as multipart/form-data (any number of files, up to --max_files) or
+the bytes of one image (an image/* content type) and answers, for each, the top classes with the
+probabilities ``caltech predict`` writes for the same file; ``GET /info`` describes the model,
+``GET /health`` says the server is up, and ``/`` is a page to drop images on. The server listens
+on 127.0.0.1 unless told otherwise (--host 0.0.0.0 serves the whole network: do so only behind
+what you trust).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+from pathlib import Path
+
+from caltech_cli.errors import CaltechError
+
+log = logging.getLogger(__name__)
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> object:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        return value
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(
+        prog="caltech serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    model = options.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt_path", type=Path, help="a checkpoint written by `caltech fit`")
+    model.add_argument("--onnx", type=Path, help="an ONNX file written by `caltech export`")
+    options.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
+    options.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0 picks a free one)")
+    options.add_argument(
+        "--tta_flip",
+        choices=("true", "false"),
+        default="false",
+        help="average each image with its mirror image, as predict does with --data.tta_flip true (default: false)",
+    )
+    options.add_argument("--top_k", type=_positive(int), default=5, help="classes answered per image (default: 5)")
+    options.add_argument(
+        "--max_request_mb", type=_positive(float), default=20.0, help="the largest request, in MiB (default: 20)"
+    )
+    options.add_argument(
+        "--max_files", type=_positive(int), default=16, help="images in one request, at most (default: 16)"
+    )
+    options.add_argument(
+        "--max_batch", type=_positive(int), default=32, help="images in one network call, at most (default: 32)"
+    )
+    options.add_argument(
+        "--batch_wait_ms",
+        type=float,
+        default=5.0,
+        help="how long a request waits for others to share its network call (default: 5 ms)",
+    )
+    return options
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here so that a port in use is one line and port 0 names a free one."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+    except OSError as error:
+        raise CaltechError(
+            f"cannot listen on {host}:{port} ({error.strerror or error}). Fix: pass --port another port, or --host "
+            "an address of this machine."
+        ) from error
+    sock.listen(128)
+    return sock
+
+
+def main(args: list[str]) -> None:
+    options = parser().parse_args(args)
+    if options.max_request_mb * 2**20 > 2**31 or options.batch_wait_ms < 0 or options.batch_wait_ms > 10_000:
+        raise CaltechError(
+            "--max_request_mb must be at most 2048 and --batch_wait_ms between 0 and 10000. Fix: pass such values."
+        )
+    try:
+        import uvicorn
+
+        from caltech_cli.serve.app import Limits, create_app
+    except ImportError as error:
+        raise CaltechError(
+            f"caltech serve needs the server packages ({error.name} is missing). "
+            "Fix: pip install 'caltech-cli[serve]' (FastAPI, uvicorn, python-multipart)."
+        ) from error
+    from caltech_cli.serve.batching import Batcher
+    from caltech_cli.serve.classifier import from_checkpoint, from_onnx
+
+    tta = options.tta_flip == "true"
+    classifier = from_checkpoint(options.ckpt_path, tta) if options.ckpt_path else from_onnx(options.onnx, tta)
+    batcher = Batcher(classifier.probabilities, options.max_batch, options.batch_wait_ms / 1000)
+    limits = Limits(int(options.max_request_mb * 2**20), options.max_files)
+    app = create_app(classifier, batcher, limits, options.top_k)
+    sock = _listening_socket(options.host, options.port)
+    host, port = sock.getsockname()[:2]
+    print(
+        f"Serving {classifier.info['source']} at http://{host}:{port}/ (POST /predict, GET /info, GET /health); "
+        "Ctrl-C stops it.",
+        flush=True,
+    )
+    config = uvicorn.Config(app, log_level=os.environ.get("CALTECH_SERVE_LOG", "warning"), access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
