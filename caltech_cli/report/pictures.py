@@ -111,15 +111,20 @@ def draw_pr_curves(
         )
     right.set_title(f"The {len(weakest)} classes with the lowest average precision")
     for ax in (left, right):
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
-        ax.set_xlim(0, 1.01)
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=8)
+        unit_axes(ax, "recall", "precision", "lower left")
     fig.suptitle("Precision-recall on the test set")
     fig.tight_layout()
     save(fig, path, 110)
+
+
+def unit_axes(ax: plt.Axes, xlabel: str, ylabel: str, legend: str) -> None:
+    """Axes of two rates in [0, 1], labelled, gridded, with their legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc=legend, fontsize=8)
 
 
 def draw_reliability(points: Sequence[tuple[float, float, int]], ece: float, path: Path) -> None:
@@ -132,12 +137,7 @@ def draw_reliability(points: Sequence[tuple[float, float, int]], ece: float, pat
         ax.plot(confidence, accuracy, "o-", color=RIGHT, label="test images")
         for x, y, n in points:
             ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color="grey")
-    ax.set_xlabel("confidence (top-1 probability)")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1.01)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    unit_axes(ax, "confidence (top-1 probability)", "accuracy", "upper left")
     ax.set_title(f"Reliability (expected calibration error {ece:.3f}); numbers: images per bin", fontsize=9)
     fig.tight_layout()
     save(fig, path, 110)

@@ -109,17 +109,22 @@ def test_one_image_as_predict_dir(trained_run, tmp_path):
     assert [(r["path"], r["class"]) for r in rows] == [("one.jpg", "stripes")]
 
 
-def test_prediction_rows_are_on_disk_before_the_run_ends_and_kept_as_partial(tmp_path):
-    """Each batch's rows are flushed to a file of the run's own; a run stopped after a batch keeps
-    them as ``predictions.partial.csv`` and never leaves a ``predictions.csv`` that is not whole,
-    while one that ends renames its file to ``predictions.csv``."""
+def predicting_in(tmp_path: Path) -> tuple[SimpleNamespace, SimpleNamespace]:
+    """A trainer predicting four files in ``tmp_path`` and a model of two classes, as the writer sees them."""
     files = [tmp_path / f"{i}.jpg" for i in range(4)]
     trainer = SimpleNamespace(
         default_root_dir=str(tmp_path),
         datamodule=SimpleNamespace(predict_dir=str(tmp_path), predict_files=files),
         received_sigterm=False,
     )
-    module = SimpleNamespace(class_names=["a", "b"])
+    return trainer, SimpleNamespace(class_names=["a", "b"])
+
+
+def test_prediction_rows_are_on_disk_before_the_run_ends_and_kept_as_partial(tmp_path):
+    """Each batch's rows are flushed to a file of the run's own; a run stopped after a batch keeps
+    them as ``predictions.partial.csv`` and never leaves a ``predictions.csv`` that is not whole,
+    while one that ends renames its file to ``predictions.csv``."""
+    trainer, module = predicting_in(tmp_path)
     writer = PredictionWriter()
     batch = {"index": torch.tensor([0, 1]), "probs": torch.tensor([[0.9, 0.1], [0.2, 0.8]]), "error": ["", ""]}
     writer.on_predict_start(trainer, module)
@@ -168,13 +173,7 @@ def test_prediction_cells_cannot_be_formulas_and_odd_names_are_written(tmp_path)
 def test_two_runs_into_one_folder_never_mix_their_rows(tmp_path):
     """Each run writes a file of its own and renames it when done: predictions.csv is one run's
     whole file, never the other's rows interleaved with NUL bytes."""
-    files = [tmp_path / f"{i}.jpg" for i in range(4)]
-    trainer = SimpleNamespace(
-        default_root_dir=str(tmp_path),
-        datamodule=SimpleNamespace(predict_dir=str(tmp_path), predict_files=files),
-        received_sigterm=False,
-    )
-    module = SimpleNamespace(class_names=["a", "b"])
+    trainer, module = predicting_in(tmp_path)
     first, second = PredictionWriter(), PredictionWriter()
     first.on_predict_start(trainer, module)
     second.on_predict_start(trainer, module)
