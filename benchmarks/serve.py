@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,12 +69,16 @@ def start(command: list[str], url: str | None) -> tuple[subprocess.Popen, str, f
     until ``/health`` answered."""
     began = time.perf_counter()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # A session of its own: LitServe's worker processes go when the group is stopped.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     if url is None:
         line = process.stdout.readline()
         found = re.search(r"at (http://\S+/) ", line)
         if not found:
-            sys.exit(f"the server did not start: {line}{process.stdout.read()[-3000:]}")
+            stop(process)
+            sys.exit(f"the server did not start: {line}")
         url = found[1]
     while time.perf_counter() - began < 300:
         try:
@@ -81,9 +87,24 @@ def start(command: list[str], url: str | None) -> tuple[subprocess.Popen, str, f
         except httpx.HTTPError:
             pass
         if process.poll() is not None:
-            sys.exit(f"the server stopped:\n{process.stdout.read()[-3000:]}")
+            output = process.stdout.read()[-3000:]
+            stop(process)
+            sys.exit(f"the server stopped:\n{output}")
         time.sleep(0.05)
+    stop(process)
     sys.exit("the server did not answer /health within 300 s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a server and every process it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def load(url: str, files: list[Path], clients: int, requests: int) -> tuple[list[float], float, int]:
@@ -175,8 +196,7 @@ def main() -> None:
             load(url, files[: args.clients], args.clients, 2)  # warm: every client's first request
             latencies, wall, errors = load(url, files, args.clients, args.requests)
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            stop(process)
         report(label, startup, latencies, wall, errors, predict)
     shutil.rmtree(work)
 

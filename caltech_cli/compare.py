@@ -22,7 +22,7 @@ from caltech_cli.files import text_written, writable_folder, write_text
 from caltech_cli.history import HISTORY, read_history
 from caltech_cli.report.page import comparison_page
 from caltech_cli.report.pictures import save
-from caltech_cli.text import printable, text_cell
+from caltech_cli.text import from_cell, printable, shown, text_cell
 
 # Top-1 and mean per-class accuracy side by side: Caltech-101 is imbalanced, and papers report the latter.
 VAL_COLUMNS = ["val/acc", "val/acc_macro"]
@@ -63,7 +63,7 @@ def read_class_accuracy(run: Path) -> dict[str, float]:
         with open(path, newline="", encoding="utf-8") as file:
             # A class without test images has no accuracy (an empty cell).
             rows = csv.DictReader(file)
-            return {printable(row["class"]): float(row["accuracy"]) for row in rows if row["accuracy"] != ""}
+            return {from_cell(printable(row["class"])): float(row["accuracy"]) for row in rows if row["accuracy"] != ""}
     except (ValueError, TypeError, KeyError, csv.Error) as error:
         raise CaltechError(
             f"{path} is damaged ({str(error).splitlines()[0][:120]}): it is not the table `caltech test` writes. "
@@ -129,5 +129,10 @@ def main(args: list[str]) -> None:
         help="folder for comparison.png, .md, .csv and .html (default: comparison)",
     )
     options = parser.parse_args(args)
+    resolved = [run.resolve() for run in options.runs]
+    twice = sorted({shown(run) for run, real in zip(options.runs, resolved) if resolved.count(real) > 1})
+    if twice:
+        raise CaltechError(f"compare names {', '.join(twice)} more than once. Fix: name each run once.")
     written = compare(options.runs, options.output)
-    print("\n".join(["Wrote " + ", ".join(str(p) for p in written), "", written[1].read_text()]))
+    print(shown("Wrote " + ", ".join(str(p) for p in written)) + "\n")
+    print("\n".join(shown(line) for line in written[1].read_text().splitlines()))

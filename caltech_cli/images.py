@@ -5,6 +5,7 @@ Pure functions and small datasets; the data module composes them.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 import struct
@@ -29,6 +30,13 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
 
 
+# The formats decoded, PIL's names for them (its JPEG reader also reads a camera's MPO). PIL knows
+# more, some of which hand the file to another program (EPS to Ghostscript): a file of any other
+# format is "not an image", whatever its name.
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+# PIL registers a format when its plugin is imported; Image.open(formats=...) needs them registered.
+for _plugin in ("Bmp", "Gif", "Jpeg", "Png", "Ppm", "Tiff", "WebP"):
+    importlib.import_module(f"PIL.{_plugin}ImagePlugin")
 NOT_AN_IMAGE = "not an image"
 # What opening or decoding a bad image file raises (PIL's bomb error is none of the others).
 UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
@@ -76,7 +84,7 @@ def image_problem(path: Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "empty file"
-        with Image.open(path) as image:
+        with Image.open(path, formats=FORMATS) as image:
             kind, size = image.format, image.size
     except Image.DecompressionBombError as error:
         return f"over PIL's decompression-bomb limit ({error})"
@@ -90,7 +98,7 @@ def image_problem(path: Path) -> str | None:
         return f"truncated {kind} (its end is missing)"
     if kind != "JPEG":
         try:
-            with Image.open(path) as image:
+            with Image.open(path, formats=FORMATS) as image:
                 if kind == "PNG":
                     image.verify()
                 else:
@@ -127,7 +135,7 @@ def load_rgb(path: Path, min_size: int | None = None) -> Image.Image:
     that would cost more than it is worth decoded, or resized to ``min_size`` (``size_problem``),
     is refused before it is decoded.
     """
-    with Image.open(path) as image:
+    with Image.open(path, formats=FORMATS) as image:
         if min_size is not None and image.format == "JPEG":
             image.draft(image.mode, (min_size, min_size))
         problem = size_problem(image.size, min_size)

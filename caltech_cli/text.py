@@ -45,6 +45,11 @@ def text_cell(value: str) -> str:
     return "'" + cell if cell and risky else cell
 
 
+def from_cell(cell: str) -> str:
+    """The text a CSV cell written by :func:`text_cell` holds, without the quote it may have added."""
+    return cell[1:] if cell.startswith("'") and text_cell(cell[1:]) == cell else cell
+
+
 class EscapeArguments(logging.Filter):
     """Escape the names in a log record's arguments (``log.info("... %s", path)``), which come
     from disk, archives and servers, so that no name prints control characters."""

@@ -108,3 +108,26 @@ def test_run_names_are_text_in_every_output(tmp_path, capsys):
     status, stderr = caltech("compare", str(first), str(second), "--output", str(tmp_path / "cmp"), capsys=capsys)
     assert status == 0, stderr[-3000:]
     assert "| a\\|b |" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+@pytest.mark.hostile
+def test_a_run_named_twice_is_one_line(tmp_path, capsys):
+    run = write_history(tmp_path / "run", "epoch,val/acc\n0,0.5\n")
+    line = one_error(*caltech("compare", str(run), str(tmp_path / "." / "run"), capsys=capsys))
+    assert "more than once" in line and "name each run once" in line
+
+
+def test_class_names_come_back_from_their_cells(tmp_path, capsys):
+    """per_class.csv quotes a name that looks like a formula; the HTML table shows the class's
+    own name, one row per class, and a class without test images has no number."""
+    runs = []
+    for name, cells in (("a", ["'=cls,0.5", "plain,"]), ("b", ["'=cls,0.25", "plain,1.0"])):
+        run = write_history(tmp_path / name, "epoch,val/acc\n0,0.5\n")
+        (run / "report").mkdir()
+        (run / "report" / "per_class.csv").write_text("class,accuracy\n" + "\n".join(cells) + "\n")
+        runs.append(str(run))
+    status, stderr = caltech("compare", *runs, "--output", str(tmp_path / "cmp"), capsys=capsys)
+    assert status == 0, stderr
+    page = (tmp_path / "cmp" / "comparison.html").read_text()
+    assert "&#x27;=cls" not in page and "'=cls" not in page and page.count(">=cls<") == 1
+    assert page.count(">plain<") == 1

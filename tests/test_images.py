@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from caltech_cli.errors import CaltechError
 from caltech_cli.images import LabelledImages, UnlabelledImages, image_problem, images_to_predict, load_rgb, to_rgb
@@ -110,6 +110,19 @@ def test_images_that_cost_more_than_they_are_worth_are_refused_before_decoding(t
         rows = [images[i] for i in range(3)]
     assert "too thin" in rows[0][2] and "decompression-bomb" in rows[1][2] and rows[2][2] == ""
     assert rows[2][0].shape == (3, 32, 32)
+
+
+@pytest.mark.hostile
+def test_formats_outside_the_list_are_not_images_whatever_their_name(tmp_path):
+    """PIL would open an EPS file by handing it to Ghostscript (and an ICNS, a PSD, ... with readers
+    few photos need); named .jpg, it is still not an image, and no other program runs."""
+    eps, tga = tmp_path / "photo.jpg", tmp_path / "photo.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    Image.new("RGB", (40, 40)).save(tga, format="TGA")
+    for path in (eps, tga):
+        assert image_problem(path) == "not an image"
+        with pytest.raises(UnidentifiedImageError):
+            load_rgb(path)
 
 
 @pytest.mark.hostile

@@ -118,6 +118,21 @@ def test_headline_figures_are_torchmetrics_own_with_intervals_around_them():
     assert stats.headline(probs, labels, resamples=300) == estimates, "the same report on every run"
 
 
+def test_macro_f1_counts_a_class_predicted_without_images_and_not_one_neither():
+    """scikit-learn's macro average: over the classes with images or predictions."""
+    from torchmetrics.functional.classification import multiclass_f1_score
+
+    probs, labels = confident_model(classes=5)
+    labels = labels.clamp(max=3)  # class 4 has no test images, but the model predicts it now and then
+    absent = torch.cat([probs, torch.zeros(len(probs), 1)], dim=1)  # class 5: no images, never predicted
+    assert int((probs.argmax(dim=1) == 4).sum()) > 0
+    expected = float(multiclass_f1_score(absent, labels, 6, average="macro"))
+    assert stats.headline(absent, labels, resamples=10)["f1_macro"].value == pytest.approx(expected)
+    rows = tables.per_class(absent, labels, [str(i) for i in range(6)])
+    assert rows[4]["precision"] == 0.0 and rows[5]["precision"] is None
+    assert stats.f1_per_class(absent, labels, 6)[4] == 0.0 and stats.f1_per_class(absent, labels, 6)[5] is None
+
+
 def test_a_label_the_model_contradicts_with_confidence_is_a_doubt():
     probs, labels = confident_model()
     flipped = int((probs.argmax(dim=1) == labels).nonzero()[0])  # an image the model gets right...

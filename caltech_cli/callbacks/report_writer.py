@@ -26,9 +26,10 @@ from caltech_cli.report.stats import class_counts
 VERSIONED = ("caltech-cli", "torch", "torchvision", "pytorch-lightning", "torchmetrics")
 
 
-def provenance(trainer: pl.Trainer, model: pl.LightningModule) -> dict[str, str]:
-    """Where a test's numbers come from: the data and its split, the network, the versions and the
-    machine, as the report's first table shows them."""
+def provenance(trainer: pl.Trainer, model: pl.LightningModule, scored: int) -> dict[str, str]:
+    """Where a test's numbers come from: the data and its split, the test images ``scored`` (all of
+    them, or fewer: ``trainer.limit_test_batches``, images left out as unreadable), the network,
+    the versions and the machine, as the report's first table shows them."""
     data = trainer.datamodule
     hparams = model.hparams
     splits = getattr(data, "splits", {})
@@ -41,6 +42,7 @@ def provenance(trainer: pl.Trainer, model: pl.LightningModule) -> dict[str, str]
         "classes": str(len(model.class_names or [])),
         "images": ", ".join(f"{count} {name}" for name, count in sizes.items()),
         "train images per class": f"{train[0]} to {train[-1]}, median {train[len(train) // 2]}" if train else "",
+        "test images scored": f"{scored} of {sizes.get('test', scored)}",
         "split fingerprint": str(getattr(data, "fingerprint", "") or ""),
         "split seed, global seed": f"{getattr(data, 'seed', '')}, {os.environ.get('PL_GLOBAL_SEED', 'not set')}",
         "test-time augmentation": "image and mirror image" if getattr(data, "tta_flip", False) else "none",
@@ -136,6 +138,8 @@ class TestReport(Callback):
         files = getattr(getattr(trainer.datamodule, "test_set", None), "files", None)
         # Images left out because they could not be read (data.skip_bad_images) are in no number.
         counted = labels != LEFT_OUT
+        if files is not None and len(files) > len(labels):  # trainer.limit_test_batches: the first, in order
+            files = list(files[: len(labels)])
         if files is not None and len(files) == len(labels):
             files = [file for file, kept in zip(files, counted.tolist()) if kept]
         probs, labels = probs[counted], labels[counted]
@@ -153,7 +157,7 @@ class TestReport(Callback):
             self.top_losses,
             self.confused_pairs,
             self.confused_examples,
-            provenance(trainer, pl_module),
+            provenance(trainer, pl_module, len(labels)),
         )
         for logger in wandb_loggers(trainer):
             import wandb

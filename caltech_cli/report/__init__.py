@@ -13,6 +13,7 @@ import torch
 from caltech_cli.files import write_text
 from caltech_cli.report import page, pictures, stats, tables
 from caltech_cli.report.pictures import mistake_caption
+from caltech_cli.text import shown
 
 
 def fixed_sample(size: int, count: int, seed: int) -> list[int]:
@@ -51,8 +52,10 @@ def write_test_report(
     rows = tables.per_class(probs, labels, names)
     tables.write_per_class(rows, folder / "per_class.csv")
     written = WrittenReport([folder / "confusion_matrix.png", folder / "pr_curves.png", folder / "reliability.png"])
-    pictures.draw_confusion_matrix(probs, labels, names, written.pictures[0])
-    pictures.draw_pr_curves(probs, labels, names, written.pictures[1], rows)
+    # Drawn with their control characters escaped: matplotlib prints a glyph it lacks in a warning.
+    drawn = [shown(name) for name in names]
+    pictures.draw_confusion_matrix(probs, labels, drawn, written.pictures[0])
+    pictures.draw_pr_curves(probs, labels, drawn, written.pictures[1], rows)
     estimates = stats.headline(probs, labels, seed=seed)
     pictures.draw_reliability(stats.reliability(probs, labels), estimates["ece"].value, written.pictures[2])
     known = files is not None and len(files) == len(labels)
@@ -61,15 +64,15 @@ def write_test_report(
         chosen = fixed_sample(len(files), samples, seed)
         written.pictures.append(folder / "predictions.png")
         pictures.draw_prediction_grid(
-            [files[i] for i in chosen], probs[chosen], labels[chosen], names, written.pictures[-1]
+            [files[i] for i in chosen], probs[chosen], labels[chosen], drawn, written.pictures[-1]
         )
         written.worst = tables.top_losses(probs, labels, top_losses)
         tables.write_top_losses(files, probs, labels, names, written.worst, folder / "top_losses.csv")
         written.pictures.append(folder / "top_losses.png")
-        pictures.draw_top_losses(files, probs, labels, names, written.worst, written.pictures[-1])
+        pictures.draw_top_losses(files, probs, labels, drawn, written.worst, written.pictures[-1])
         tables.write_confused_pairs(files, labels, names, pairs, folder / "most_confused.csv")
         written.pictures.append(folder / "most_confused.png")
-        pictures.draw_confused_pairs(files, probs, labels, names, pairs, written.pictures[-1], confused_examples)
+        pictures.draw_confused_pairs(files, probs, labels, drawn, pairs, written.pictures[-1], confused_examples)
     write_text(
         folder / "index.html",
         _page(

@@ -61,7 +61,10 @@ def _metrics(p: Predictions, index: torch.Tensor) -> dict[str, torch.Tensor]:
     present = support > 0
     recall = torch.where(present, hits / support.clamp_min(1), torch.zeros(()))
     errors = support + claimed - 2 * hits  # false negatives + false positives
-    f1 = torch.where(present, 2 * hits / (2 * hits + errors).clamp_min(1), torch.zeros(()))
+    # F1 is over the classes that have images or are predicted (scikit-learn's macro average): a
+    # class predicted without images of its own has F1 0, one neither has no F1.
+    scored = present | (claimed > 0)
+    f1 = torch.where(scored, 2 * hits / (2 * hits + errors).clamp_min(1), torch.zeros(()))
     bins = (p.confidence[index] * CALIBRATION_BINS).long().clamp(max=CALIBRATION_BINS - 1)
     in_bin = _per_class_counts(bins, torch.ones_like(correct), CALIBRATION_BINS)
     gap = (
@@ -72,7 +75,7 @@ def _metrics(p: Predictions, index: torch.Tensor) -> dict[str, torch.Tensor]:
         "acc": correct.mean(dim=1),
         "acc_top5": p.in_top5[index].float().mean(dim=1),
         "acc_macro": recall.sum(dim=1) / present.sum(dim=1),
-        "f1_macro": f1.sum(dim=1) / present.sum(dim=1),
+        "f1_macro": f1.sum(dim=1) / scored.sum(dim=1),
         "ece": gap.sum(dim=1) / in_bin.sum(dim=1),
     }
 
@@ -121,14 +124,16 @@ def most_confused_with(probs: torch.Tensor, labels: torch.Tensor, classes: int) 
     return [(int(t), int(b)) if b > 0 else None for t, b in zip(target, best)]
 
 
-def f1_per_class(probs: torch.Tensor, labels: torch.Tensor, classes: int) -> list[float]:
+def f1_per_class(probs: torch.Tensor, labels: torch.Tensor, classes: int) -> list[float | None]:
+    """Each class's F1; None for a class with no images in the set and never predicted."""
     p = Predictions.of(probs, labels)
     row = torch.arange(len(labels))[None]
     correct = (p.labels == p.predicted).float()[None]
     support = _per_class_counts(p.labels[row], torch.ones_like(correct), classes)[0]
     hits = _per_class_counts(p.labels[row], correct, classes)[0]
     claimed = _per_class_counts(p.predicted[row], torch.ones_like(correct), classes)[0]
-    return (2 * hits / (support + claimed).clamp_min(1)).tolist()
+    f1 = (2 * hits / (support + claimed).clamp_min(1)).tolist()
+    return [None if support[i] + claimed[i] == 0 else value for i, value in enumerate(f1)]
 
 
 def label_doubts(probs: torch.Tensor, labels: torch.Tensor, count: int) -> list[int]:

@@ -30,13 +30,15 @@ OPTION = "report.output"
 
 def per_class(probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str]) -> list[dict]:
     """Support, accuracy, precision, recall and average precision of each class; a class without
-    images in the set has no accuracy, recall or average precision (None), not 0."""
+    images in the set has no accuracy, recall or average precision (None), not 0, and no precision
+    either when nothing was predicted as it."""
     n = len(names)
     preds = probs.argmax(dim=1)
     precision = multiclass_precision(preds, labels, n, average=None)
     recall = multiclass_recall(preds, labels, n, average=None)
     ap = multiclass_average_precision(probs, labels, n, average=None)
     support = torch.bincount(labels, minlength=n)
+    claimed = torch.bincount(preds, minlength=n)
 
     def present(value: torch.Tensor, i: int) -> float | None:
         return float(value[i]) if support[i] else None
@@ -46,7 +48,7 @@ def per_class(probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str]) -
             "class": name,
             "support": int(support[i]),
             "accuracy": present(recall, i),  # per-class accuracy is the recall of that class
-            "precision": float(precision[i]),
+            "precision": float(precision[i]) if support[i] or claimed[i] else None,
             "recall": present(recall, i),
             "average_precision": present(ap, i),
         }

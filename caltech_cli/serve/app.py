@@ -9,16 +9,21 @@ server cannot serve gets a 4xx and one line, ``{"error": "..."}``, and the serve
 from __future__ import annotations
 
 import asyncio
+import io
 import re
+import warnings
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from caltech_cli.images import UNREADABLE
+from caltech_cli.images import FORMATS, UNREADABLE, size_problem
 from caltech_cli.serve.batching import Batcher
 from caltech_cli.serve.classifier import Classifier, describe
 from caltech_cli.text import escaped
@@ -33,10 +38,16 @@ IMAGE_TYPES = ("image/", "application/octet-stream")
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may hold."""
+    """What one request may hold, and how long it may take to arrive."""
 
     max_bytes: int
     max_files: int
+    # Pixels of all a request's images together: PIL's decompression-bomb limit for one image is
+    # also the most one request may make the server decode.
+    max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+    # Seconds for the whole body to arrive: a client that sends a byte now and then does not hold
+    # a connection for as long as it likes.
+    body_seconds: float = 30.0
 
 
 class RefusedError(Exception):
@@ -47,16 +58,24 @@ class RefusedError(Exception):
         self.status = status
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request's body, refused past ``limit`` bytes, whether it announced its length or not."""
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The request's body, refused past ``limits.max_bytes`` bytes, whether it announced its
+    length or not, and past ``limits.body_seconds`` to arrive."""
+    limit = limits.max_bytes
     announced = request.headers.get("content-length", "")
     if announced and (not announced.isdigit() or int(announced) > limit):
-        raise RefusedError(413, f"the request holds {announced} bytes, over the limit of {limit:,}")
+        raise RefusedError(413, f"the request holds {escaped(announced[:40])} bytes, over the limit of {limit:,}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RefusedError(413, f"the request holds more than {limit:,} bytes, the limit")
+    try:
+        async with asyncio.timeout(limits.body_seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise RefusedError(413, f"the request holds more than {limit:,} bytes, the limit")
+    except TimeoutError:
+        raise RefusedError(408, f"the request took more than {limits.body_seconds:g} s to arrive") from None
+    except ClientDisconnect:
+        raise RefusedError(400, "the client left before its request arrived") from None
     return bytes(body)
 
 
@@ -71,8 +90,8 @@ def multipart_files(body: bytes, content_type: str, max_files: int) -> list[tupl
 
     def begin() -> None:
         parts.append({"headers": {}, "data": bytearray()})
-        if len(parts) > max_files:
-            raise RefusedError(413, f"the request holds more than {max_files} files, the limit")
+        if len(parts) > 4 * max_files + 16:  # form fields that are not files count in no limit else
+            raise RefusedError(413, f"the request holds more than {4 * max_files + 16} parts, the limit")
 
     def field(data: bytes, start: int, end: int) -> None:
         header.setdefault("field", bytearray()).extend(data[start:end])
@@ -103,11 +122,22 @@ def multipart_files(body: bytes, content_type: str, max_files: int) -> list[tupl
         raise RefusedError(400, f"the multipart body cannot be read ({' '.join(str(error).split())[:120]})") from None
     found = []
     for number, part in enumerate(parts, 1):
-        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
-        if b"filename" in disposition:  # a file; other fields are ignored
-            name = disposition[b"filename"].decode("utf-8", "replace") or f"file {number}"
-            found.append((name, bytes(part["data"])))
+        name = file_name(part["headers"].get(b"content-disposition", b""))
+        if name is not None:  # a file; other fields are ignored
+            found.append((name or f"file {number}", bytes(part["data"])))
+    if len(found) > max_files:
+        raise RefusedError(413, f"the request holds {len(found)} files, over the limit of {max_files}")
     return found
+
+
+def file_name(disposition: bytes) -> str | None:
+    """The file name of a part's Content-Disposition, "" for a file without one, None for a field
+    that is not a file. Browsers send a name's UTF-8 bytes as they are (RFC 7578 forbids the
+    ``filename*`` form, which python-multipart ignores)."""
+    _, params = parse_options_header(disposition)
+    if b"filename" in params:
+        return params[b"filename"].decode("utf-8", "replace")
+    return None
 
 
 def request_files(body: bytes, content_type: str, limits: Limits) -> list[tuple[str, bytes]]:
@@ -133,8 +163,24 @@ def top(probs: Any, names: list[str], k: int) -> list[dict[str, Any]]:
     return [{"class": names[i], "probability": round(float(p), 6)} for p, i in zip(values.tolist(), indices.tolist())]
 
 
-def create_app(classifier: Classifier, batcher: Batcher, limits: Limits, top_k: int) -> FastAPI:
-    """The application; ``batcher`` runs ``classifier``'s network."""
+def pixels_of(data: bytes) -> int:
+    """The pixels of an image file, from its header; 0 when it is not one, or is one that decoding
+    refuses by itself (a decompression bomb): decoding then says why."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+                return 0 if size_problem(image.size) else image.width * image.height
+    except UNREADABLE:
+        return 0
+
+
+def create_app(
+    classifier: Classifier, batcher: Batcher, limits: Limits, top_k: int, hosts: tuple[str, ...] | None = None
+) -> FastAPI:
+    """The application; ``batcher`` runs ``classifier``'s network. With ``hosts``, a request whose
+    Host header names another host is refused: a page elsewhere cannot then reach a server on
+    127.0.0.1 through a name of its own that resolves there (DNS rebinding)."""
     app = FastAPI(title="caltech", docs_url=None, redoc_url=None, openapi_url=None)
     page = files("caltech_cli.serve").joinpath("page.html").read_text(encoding="utf-8")
     info = describe(classifier, top_k)
@@ -142,6 +188,24 @@ def create_app(classifier: Classifier, batcher: Batcher, limits: Limits, top_k: 
     @app.exception_handler(RefusedError)
     async def refused(request: Request, error: RefusedError) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def not_served(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """An unknown path (404) or method (405), answered like every other refusal."""
+        return JSONResponse({"error": f"{error.detail}: {request.method} {escaped(request.url.path[:200])}"},
+                            status_code=error.status_code, headers=error.headers)  # fmt: skip
+
+    if hosts is not None:
+
+        @app.middleware("http")
+        async def known_host(request: Request, call_next: Any) -> Any:
+            host = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]").lower()
+            if host not in hosts:
+                return JSONResponse(
+                    {"error": f"a request for host {escaped(host[:100])}: this server answers {', '.join(hosts)}"},
+                    status_code=421,
+                )
+            return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -157,16 +221,25 @@ def create_app(classifier: Classifier, batcher: Batcher, limits: Limits, top_k: 
 
     @app.post("/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        body = await read_body(request, limits.max_bytes)
+        body = await read_body(request, limits)
         found = request_files(body, request.headers.get("content-type", ""), limits)
+        pixels = sum(pixels_of(data) for _, data in found)
+        if pixels > limits.max_pixels:
+            raise RefusedError(
+                413, f"the request's images hold {pixels:,} pixels, over the limit of {limits.max_pixels:,} a request"
+            )
         inputs = []
         for name, data in found:
+            if await request.is_disconnected():  # no decoding, and no network call, for a client that left
+                raise RefusedError(400, "the client left before its answer")
             try:
                 inputs.append(await asyncio.to_thread(classifier.prepare, data))
             except UNREADABLE as error:
                 said = re.sub(r"\s*<[^>]*>", "", str(error))  # not the reader's object address
                 reason = " ".join(f"{type(error).__name__}: {said}".split())[:200]
                 raise RefusedError(422, f"{escaped(name)} is not an image the model can read ({reason})") from None
+        if await request.is_disconnected():
+            raise RefusedError(400, "the client left before its answer")
         probs = await batcher(inputs)
         return {
             "predictions": [

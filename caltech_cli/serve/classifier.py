@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from caltech_cli.errors import CaltechError
 from caltech_cli.images import load_rgb
@@ -66,6 +67,7 @@ def from_onnx(path: Path, tta: bool) -> Classifier:
         raise CaltechError(
             "serving an ONNX file needs onnxruntime. Fix: pip install 'caltech-cli[export]', or serve the checkpoint."
         ) from error
+    fix = "Fix: pass a .onnx written by `caltech export`, or a checkpoint with --ckpt_path."
     try:
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
@@ -75,9 +77,11 @@ def from_onnx(path: Path, tta: bool) -> Classifier:
         preprocessing = Preprocessing(**json.loads(meta["preprocessing"]))
     except Exception as error:  # onnxruntime raises its own types for files that are not models
         raise CaltechError(
-            f"{path} is not an ONNX file that `caltech export` wrote ({' '.join(str(error).split())[:200]}). "
-            "Fix: pass a .onnx written by `caltech export`, or a checkpoint with --ckpt_path."
+            f"{path} is not an ONNX file that `caltech export` wrote ({' '.join(str(error).split())[:200]}). {fix}"
         ) from error
+    problem = metadata_problem(names, preprocessing, session)
+    if problem is not None:
+        raise CaltechError(f"{path}: its metadata {problem}: it was altered, or not written by `caltech export`. {fix}")
     resize = v2.Compose(
         [
             v2.Resize(preprocessing.resize_size, interpolation=preprocessing.interpolation_mode),
@@ -96,6 +100,36 @@ def from_onnx(path: Path, tta: bool) -> Classifier:
 
     info = {"backbone": json.loads(meta.get("backbone", "null")), "source": str(path), "format": "onnx"}
     return Classifier(names, preprocessing, tta, probabilities, transform, info)
+
+
+def metadata_problem(names: Any, preprocessing: Preprocessing, session: Any) -> str | None:
+    """What in an ONNX file's metadata does not fit its network, or None: the class names must be
+    two or more distinct names, one a network output; the preprocessing's sizes whole and fitting
+    the network's input, its statistics three numbers each, its interpolation one torchvision knows."""
+    outputs = session.get_outputs()[0].shape
+    height, width = session.get_inputs()[0].shape[2:4]
+    pre = preprocessing
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        return "names no list of two or more classes"
+    if len(set(names)) != len(names):
+        return "names a class twice"
+    if isinstance(outputs[-1], int) and outputs[-1] != len(names):
+        return f"names {len(names)} classes for the network's {outputs[-1]} outputs"
+    sizes = (pre.crop_size, pre.resize_size)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 16 <= n <= 4096 for n in sizes):
+        return f"gives crop and resize sizes {sizes}, not whole numbers from 16 to 4096"
+    if pre.resize_size < pre.crop_size or any(isinstance(n, int) and n != pre.crop_size for n in (height, width)):
+        return (
+            f"gives a crop of {pre.crop_size} (after a resize to {pre.resize_size}) for an input of {height} x {width}"
+        )
+    statistics = (pre.mean, pre.std)
+    if not all(isinstance(v, (list, tuple)) and len(v) == 3 for v in statistics):
+        return "gives a mean or standard deviation that is not three numbers"
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) for v in statistics for x in v) or min(pre.std) <= 0:
+        return "gives a mean or standard deviation that is not finite, or a deviation that is not above 0"
+    if pre.interpolation not in {mode.value for mode in InterpolationMode}:
+        return f"gives interpolation {pre.interpolation!r}, not one torchvision knows"
+    return None
 
 
 def describe(classifier: Classifier, top_k: int) -> dict[str, Any]:

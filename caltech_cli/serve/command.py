@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 
 from caltech_cli.errors import CaltechError
+from caltech_cli.text import shown
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,18 @@ def parser() -> argparse.ArgumentParser:
         "--max_batch", type=_positive(int), default=32, help="images in one network call, at most (default: 32)"
     )
     options.add_argument(
+        "--body_timeout_s",
+        type=_positive(float),
+        default=30.0,
+        help="seconds a request's body may take to arrive (default: 30)",
+    )
+    options.add_argument(
+        "--max_connections",
+        type=_positive(int),
+        default=64,
+        help="connections served at once; more are answered 503 at once (default: 64)",
+    )
+    options.add_argument(
         "--batch_wait_ms",
         type=float,
         default=5.0,
@@ -86,12 +99,25 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Names of this machine's loopback: a server bound there answers requests for these hosts only.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _check(options: argparse.Namespace) -> None:
+    """Refuse option values that cannot work, in one line."""
+    for option, value, low, high in (
+        ("port", options.port, 0, 65535),
+        ("max_request_mb", options.max_request_mb, 0.01, 2048),
+        ("batch_wait_ms", options.batch_wait_ms, 0, 10_000),
+        ("body_timeout_s", options.body_timeout_s, 0.1, 3600),
+    ):
+        if not low <= value <= high:  # nan is in no range
+            raise CaltechError(f"--{option} {value} cannot work. Fix: pass --{option} from {low} to {high}.")
+
+
 def main(args: list[str]) -> None:
     options = parser().parse_args(args)
-    if options.max_request_mb * 2**20 > 2**31 or options.batch_wait_ms < 0 or options.batch_wait_ms > 10_000:
-        raise CaltechError(
-            "--max_request_mb must be at most 2048 and --batch_wait_ms between 0 and 10000. Fix: pass such values."
-        )
+    _check(options)
     try:
         import uvicorn
 
@@ -107,14 +133,21 @@ def main(args: list[str]) -> None:
     tta = options.tta_flip == "true"
     classifier = from_checkpoint(options.ckpt_path, tta) if options.ckpt_path else from_onnx(options.onnx, tta)
     batcher = Batcher(classifier.probabilities, options.max_batch, options.batch_wait_ms / 1000)
-    limits = Limits(int(options.max_request_mb * 2**20), options.max_files)
-    app = create_app(classifier, batcher, limits, options.top_k)
+    limits = Limits(int(options.max_request_mb * 2**20), options.max_files, body_seconds=options.body_timeout_s)
+    app = create_app(classifier, batcher, limits, options.top_k, LOOPBACK if options.host in LOOPBACK else None)
     sock = _listening_socket(options.host, options.port)
     host, port = sock.getsockname()[:2]
     print(
-        f"Serving {classifier.info['source']} at http://{host}:{port}/ (POST /predict, GET /info, GET /health); "
-        "Ctrl-C stops it.",
+        f"Serving {shown(classifier.info['source'])} at http://{host}:{port}/ (POST /predict, GET /info, "
+        "GET /health); Ctrl-C stops it.",
         flush=True,
     )
-    config = uvicorn.Config(app, log_level=os.environ.get("CALTECH_SERVE_LOG", "warning"), access_log=False)
+    # python-multipart logs what it makes of a malformed body; the client hears of it instead.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
+    config = uvicorn.Config(
+        app,
+        log_level=os.environ.get("CALTECH_SERVE_LOG", "warning"),
+        access_log=False,
+        limit_concurrency=options.max_connections,
+    )
     uvicorn.Server(config).run(sockets=[sock])
