@@ -162,7 +162,7 @@ def feature_pass(run: Run, split: str) -> tuple[float, float, float, int] | None
     ``split`` is a regular expression for the names the line gives ("val and train")."""
     for at, line in run.lines:
         found = re.search(
-            rf"Cached {split} features of (\d+) images .*\(([0-9.]+) s on \S+, ([0-9.]+) images/s\)", line
+            rf"Cached {split} features of (\d+) images .*\(([0-9.]+) s on \S+, (?:[^,]+, )?([0-9.]+) images/s\)", line
         )
         if found:
             return at, float(found.group(2)), float(found.group(3)), int(found.group(1))

@@ -364,15 +364,17 @@ class ImageClassificationDataModule(LightningDataModule):
         return self.feature_cache.get(split, self._tta(split))
 
     def _extraction(self, model: pl.LightningModule) -> Extraction:
-        """The backbone pass as the trainer runs the model: its device, memory format and precision."""
-        precision = self.trainer.precision_plugin
-
-        def extract(images: torch.Tensor) -> torch.Tensor:
-            with precision.forward_context():
-                return model.features(images)
-
+        """The backbone pass as the trainer runs the model (its device, memory format and
+        precision), on the model's inference engine (``model.engine``)."""
         batch_size = feature_batch_size(self.feature_batch_size, self._device())
-        return Extraction(extract, model.backbone, str(self.trainer.precision), batch_size, self.num_workers)
+        return Extraction(
+            lambda images: model.backbone_runner(images, self.cache_dir),
+            lambda images: model.planned_engine(images, self.cache_dir),
+            model.backbone,
+            str(self.trainer.precision),
+            batch_size,
+            self.num_workers,
+        )
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
         """Images load in worker processes; cached features are in memory and need none."""

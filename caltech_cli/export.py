@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from caltech_cli.engines import save_onnx
 from caltech_cli.errors import CaltechError
 from caltech_cli.files import check_target, read_json_record, writable_file, write_text, written_whole
 from caltech_cli.model import TransferClassifier, load_trained
@@ -68,8 +69,7 @@ def _require(*modules: str) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise CaltechError(
-            f"ONNX export needs the Python packages {', '.join(missing)}. Fix: pip install 'caltech-cli[export]' "
-            "(or pip install onnx onnxscript onnxruntime)."
+            f"ONNX export needs the Python packages {', '.join(missing)}. Fix: pip install onnx onnxscript onnxruntime."
         )
 
 
@@ -77,18 +77,7 @@ def _export_onnx(network: nn.Module, example: torch.Tensor, output: Path, info: 
     _require("onnx", "onnxscript")
     import onnx
 
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(
-        network,
-        (example,),
-        input_names=["images"],
-        output_names=["probabilities"],
-        dynamic_shapes={"images": {0: batch}},
-        dynamo=True,
-        verbose=False,
-    )
-    program.optimize()
-    program.save(str(output))
+    save_onnx(network, example, output, "probabilities")
     proto = onnx.load(str(output))
     for key, value in info.items():
         entry = proto.metadata_props.add()

@@ -26,7 +26,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm import tqdm
 
 from caltech_cli.devices import Extractor, full_batch, warm_up
+from caltech_cli.engines import Runner, weights_fingerprint
 from caltech_cli.files import folder_lock, written_whole
 from caltech_cli.images import LabelledImages
 from caltech_cli.loading import loader_workers
@@ -44,16 +45,6 @@ from caltech_cli.transforms import Preprocessing, eval_transform, flipped_eval_t
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """sha256 over a module's class, parameter and buffer names, shapes, dtypes and bytes."""
-    digest = hashlib.sha256(type(module).__qualname__.encode())
-    for name, tensor in module.state_dict().items():
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
 
 
 def files_fingerprint(dataset: LabelledImages) -> str:
@@ -144,8 +135,8 @@ def compute_features(
     return list(zip(torch.cat(chunks).cpu().split(sizes), torch.cat(seen).split(sizes)))
 
 
-def _key(split: CachedSplit, backbone: str, preprocessing: Preprocessing, precision: str) -> dict:
-    return {
+def _key(split: CachedSplit, backbone: str, preprocessing: Preprocessing, precision: str, engine: str) -> dict:
+    key = {
         "version": FORMAT_VERSION,
         "backbone": backbone,
         "preprocessing": asdict(preprocessing),
@@ -154,6 +145,8 @@ def _key(split: CachedSplit, backbone: str, preprocessing: Preprocessing, precis
         "views": split.views,
         "files": files_fingerprint(split.dataset),
     }
+    # PyTorch's features keep the keys they had before there were engines, and their files.
+    return key if engine == "torch" else {**key, "engine": engine}
 
 
 def _load_cache(path: Path, key: dict, dataset: LabelledImages, views: int, name: str) -> CachedFeatures | None:
@@ -194,12 +187,14 @@ def _load_cache(path: Path, key: dict, dataset: LabelledImages, views: int, name
 
 @dataclass(frozen=True)
 class Extraction:
-    """How the backbone pass runs: ``extract`` maps an image batch to features where and how the
-    trainer runs the model (its device, memory format and precision context); ``backbone`` is what
-    it runs, hashed for the key, and its device is where the pass runs; ``precision`` names the
-    trainer's precision for the key."""
+    """How the backbone pass runs: ``runner(images)`` is what runs a pass of that many images
+    (PyTorch where and how the trainer runs the model, or an inference engine, ``engines``) and
+    ``planned(images)`` names it without building it, for the key; ``backbone`` is what it runs,
+    hashed for the key, and its device is where the pass runs; ``precision`` names the trainer's
+    precision for the key."""
 
-    extract: Extractor
+    runner: Callable[[int], Runner]
+    planned: Callable[[int], str]
     backbone: nn.Module
     precision: str
     batch_size: int
@@ -212,14 +207,18 @@ def cached_features(
     """Load the features of the splits from ``folder``; those not there yet are computed in one
     backbone pass (all their images through one loader) and stored."""
     fingerprint = weights_fingerprint(extraction.backbone)
-    paths = {}
-    for split in splits:
-        key = _key(split, fingerprint, preprocessing, extraction.precision)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        paths[split.name] = (folder / f"{split.name}-{digest}.pt", key)
-    folder.mkdir(parents=True, exist_ok=True)
-    found: dict[str, CachedFeatures] = {}
-    with folder_lock(folder / ".lock", "data.cache_dir"):
+    asked = sum(split.views * len(split.dataset) for split in splits)
+
+    def paths_for(engine: str) -> dict[str, tuple[Path, dict]]:
+        paths = {}
+        for split in splits:
+            key = _key(split, fingerprint, preprocessing, extraction.precision, engine)
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+            paths[split.name] = (folder / f"{split.name}-{digest}.pt", key)
+        return paths
+
+    def reuse(splits: Sequence[CachedSplit], paths: dict[str, tuple[Path, dict]]) -> list[CachedSplit]:
+        """Load the splits stored under ``paths`` into ``found``; the splits that are not there."""
         missing = []
         for split in splits:
             path, key = paths[split.name]
@@ -229,17 +228,30 @@ def cached_features(
             else:
                 log.info("Reusing cached %s features (%d images) from %s", split.name, len(split.dataset), path)
                 found[split.name] = cached
+        return missing
+
+    planned = extraction.planned(asked)
+    paths = paths_for(planned)
+    folder.mkdir(parents=True, exist_ok=True)
+    found: dict[str, CachedFeatures] = {}
+    with folder_lock(folder / ".lock", "data.cache_dir"):
+        missing = reuse(splits, paths)
         if not missing:
             return found
+        runner = extraction.runner(asked)
+        if runner.name != planned:  # the planned engine could not run: the features of the one that does
+            paths = paths_for(runner.name)
+            missing = reuse(missing, paths)
+            if not missing:
+                return found
         device = next(extraction.backbone.parameters()).device
         names = " and ".join(split.name for split in missing)
         # No more workers than the splits asked for (those found on disk too) have batches.
-        asked = sum(split.views * len(split.dataset) for split in splits)
         workers = loader_workers(extraction.num_workers, asked, extraction.batch_size)
         start = time.perf_counter()
         computed = iter(
             compute_features(
-                extraction.extract,
+                runner.extract,
                 device,
                 [split.dataset for split in missing for _ in range(split.views)],
                 extraction.batch_size,
@@ -260,12 +272,13 @@ def cached_features(
                 torch.save({"features": features, "labels": labels, "key": json.dumps(key)}, scratch)
             found[split.name] = CachedFeatures(features, labels)
         log.info(
-            "Cached %s features of %d images in %s (%.1f s on %s, %.0f images/s)",
+            "Cached %s features of %d images in %s (%.1f s on %s, %s, %.0f images/s)",
             names,
             images,
             folder,
             seconds,
             device,
+            runner.name,
             images / seconds,
         )
     return found

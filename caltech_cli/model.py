@@ -17,7 +17,9 @@ from torchmetrics import MetricCollection
 from caltech_cli.backbones import preprocessing_for, resolve_backbone
 from caltech_cli.checkpoints import check_state_fits, read_checkpoint
 from caltech_cli.devices import CPU_BATCH, full_batch, warm_up
+from caltech_cli.engines import Engine, Runner, backbone_runner, planned, weights_fingerprint
 from caltech_cli.errors import CaltechError
+from caltech_cli.features import CachedFeatures
 from caltech_cli.metrics import LEFT_OUT, inverse_frequency, stage_metrics
 from caltech_cli.transforms import Preprocessing
 
@@ -54,6 +56,12 @@ class TransferClassifier(LightningModule):
             ``sqrt_inverse`` (halfway), or ``none``. Caltech-101 holds 800 airplanes and 31
             images of some classes; weighting lifts the mean per-class accuracy (``acc_macro``).
         label_smoothing: Label smoothing of the training loss (``torch.nn.functional.cross_entropy``).
+        engine: What runs the backbone where it does not train (the feature cache's pass,
+            ``validate``, ``test`` and ``predict`` on images) on a CPU: ``auto`` the fastest
+            engine installed (OpenVINO, else ONNX Runtime; PyTorch for a pass of a few hundred
+            images whose graph is not built yet), or ``torch``, ``onnxruntime``, ``openvino``.
+            Each engine's features are checked against PyTorch's before a pass; on a GPU the
+            backbone runs on PyTorch.
     """
 
     def __init__(
@@ -67,9 +75,11 @@ class TransferClassifier(LightningModule):
         channels_last: bool = True,
         class_weights: Literal["none", "inverse", "sqrt_inverse"] = "none",
         label_smoothing: float = 0.0,
+        engine: Engine = "auto",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # The engine is how this machine runs the backbone, not part of the trained model: not saved.
+        self.save_hyperparameters(ignore=["engine"])
         resolved = resolve_backbone(backbone, weights, image_size)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone = resolved.module.to(memory_format=self.memory_format)
@@ -80,6 +90,9 @@ class TransferClassifier(LightningModule):
         if not 0 <= label_smoothing < 1:
             raise CaltechError(f"model.label_smoothing {label_smoothing} is not in [0, 1). Fix: pass e.g. 0.1, or 0.")
         self.label_smoothing = label_smoothing
+        self.engine = engine
+        # The engine's runner of the backbone while it does not train, and the weights it was built for.
+        self._inference: tuple[str, Runner] | None = None
         # Per-class weights of the training loss, from the training labels when fit starts.
         self.loss_weights: torch.Tensor | None = None
         # Whether unfrozen BatchNorm layers use batch statistics; the fine-tuning callback sets it.
@@ -141,12 +154,74 @@ class TransferClassifier(LightningModule):
         BatchNorm layers use their running statistics, so the chunks give the same features. A
         backbone in training mode sees the batch whole, for its batch statistics.
         """
+        if self._inference is not None and not self.backbone_trains:
+            return self._inference[1].extract(images)
         images = images.contiguous(memory_format=self.memory_format)
         chunked = images.device.type == "cpu" and not self.backbone.training and len(images) > CPU_BATCH
         with torch.no_grad() if not self.backbone_trains else contextlib.nullcontext():
             if chunked:
                 return torch.cat([self.backbone(chunk) for chunk in images.split(CPU_BATCH)])
             return self.backbone(images)
+
+    def _on_torch(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's features on PyTorch, as the trainer runs the model (its precision)."""
+        precision = self._trainer.precision_plugin.forward_context() if self._trainer else contextlib.nullcontext()
+        with precision:
+            return self.features(images)
+
+    def _bf16(self) -> bool:
+        return self._trainer is not None and str(self._trainer.precision).startswith("bf16")
+
+    def planned_engine(self, images: int, folder: Path | None) -> str:
+        """What :meth:`backbone_runner` would run a pass of ``images`` images on (``engines.label``)."""
+        fingerprint = weights_fingerprint(self.backbone)
+        crop = self.preprocessing.crop_size
+        return planned(self.engine, self.device, images, folder, fingerprint, crop, self._bf16())
+
+    def backbone_runner(self, images: int, folder: Path | None) -> Runner:
+        """What runs a pass of ``images`` images through the backbone, which must not train: the
+        engine of ``model.engine``, its graph kept in ``folder`` (``engines.backbone_runner``)."""
+        fingerprint = weights_fingerprint(self.backbone)
+        if self._inference is not None and self._inference[0] == fingerprint:
+            return self._inference[1]
+        self._inference = None  # PyTorch runs the backbone until an engine does
+        runner = backbone_runner(
+            self.backbone,
+            fingerprint,
+            self.preprocessing.crop_size,
+            self.engine,
+            self._on_torch,
+            images,
+            folder,
+            self._bf16(),
+        )
+        self._inference = (fingerprint, runner) if runner.name != "torch" else None
+        return runner
+
+    def _engine_for(self, loaders: Any) -> None:
+        """Run the backbone on its engine for the images these loaders give, where it does not
+        train (cached features need no backbone)."""
+        if self.backbone_trains:
+            self._inference = None
+            return
+        datasets = [
+            getattr(loader, "dataset", None) for loader in (loaders if isinstance(loaders, list) else [loaders])
+        ]
+        images = sum(
+            len(d) * getattr(d, "views", 1) for d in datasets if d is not None and not isinstance(d, CachedFeatures)
+        )
+        if images:
+            datamodule = getattr(self._trainer, "datamodule", None)
+            self.backbone_runner(images, getattr(datamodule, "cache_dir", None))
+
+    def on_validation_start(self) -> None:
+        self._engine_for(self.trainer.val_dataloaders)
+
+    def on_test_start(self) -> None:
+        self._engine_for(self.trainer.test_dataloaders)
+
+    def on_predict_start(self) -> None:
+        self._engine_for(self.trainer.predict_dataloaders)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class scores for images (N, 3, H, W), or for cached backbone features (N, width).
@@ -263,8 +338,10 @@ class TransferClassifier(LightningModule):
 
     def on_train_start(self) -> None:
         """Start the sums afresh, also where a fit resumes within an epoch (no epoch starts
-        then), after another fit of this model that an exception cut short."""
+        then), after another fit of this model that an exception cut short; a frozen backbone
+        that sees images runs on its engine."""
         self.on_train_epoch_start()
+        self._engine_for(self.trainer.train_dataloader)
 
     def on_train_epoch_start(self) -> None:
         self._train_loss_sum, self._train_images = None, 0

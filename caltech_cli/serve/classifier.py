@@ -65,7 +65,7 @@ def from_onnx(path: Path, tta: bool) -> Classifier:
         import onnxruntime
     except ImportError as error:
         raise CaltechError(
-            "serving an ONNX file needs onnxruntime. Fix: pip install 'caltech-cli[export]', or serve the checkpoint."
+            "serving an ONNX file needs onnxruntime. Fix: pip install onnxruntime, or serve the checkpoint."
         ) from error
     fix = "Fix: pass a .onnx written by `caltech export`, or a checkpoint with --ckpt_path."
     try:

@@ -1,0 +1,250 @@
+"""A backbone that does not train, run on the fastest inference engine the CPU has.
+
+On a CPU, ONNX Runtime and OpenVINO run a frozen backbone's forward pass faster than PyTorch's
+eager mode, and ONNX Runtime keeps its pace when another process shares the cores, where
+PyTorch's thread pool stalls (docs/performance.md#engines). What does not train goes through
+:func:`backbone_runner`: the feature cache's pass, ``validate``, ``test`` and ``predict`` on
+images (``serve`` still runs PyTorch). On a GPU the backbone runs on PyTorch, as it trains.
+
+The engine's graph is exported by ``caltech`` from the backbone it holds, never taken from a
+file someone else made: one ONNX file per backbone weights (hashed), input size and exporter
+version, kept beside the feature cache under the same lock, written to a temporary name and
+renamed when complete. Before a pass the engine runs a probe batch beside PyTorch; a graph that
+does not give PyTorch's features (within ``1e-4`` of the largest for float32) is exported again,
+and one that still does not is left for PyTorch, with one line saying so.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from caltech_cli.devices import CPU_BATCH, Extractor
+from caltech_cli.files import folder_lock, written_whole
+
+log = logging.getLogger(__name__)
+
+Engine = Literal["auto", "torch", "onnxruntime", "openvino"]
+# The engines ``auto`` tries on a CPU, fastest first as measured (docs/performance.md#engines).
+AUTO_ORDER = ("onnxruntime", "openvino")
+# Below this many images, ``auto`` runs a backbone whose graph is not built yet on PyTorch:
+# exporting it costs about what an engine saves on that many (docs/performance.md#engines).
+AUTO_MIN_IMAGES = 512
+# How far an engine's float32 features may be from PyTorch's, as a share of the largest.
+FP32_TOLERANCE = 1e-4
+# A bfloat16 engine keeps 8 bits of mantissa: a few percent of the largest feature.
+BF16_TOLERANCE = 0.1
+GRAPH_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How a backbone pass runs: ``extract`` maps an image batch to features; ``name`` says on
+    what (``torch``, ``onnxruntime 1.23.0 fp32``), for the feature cache's key and the logs."""
+
+    extract: Extractor
+    name: str
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's class, parameter and buffer names, shapes, dtypes and bytes."""
+    digest = hashlib.sha256(type(module).__qualname__.encode())
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def installed(engine: str) -> bool:
+    return importlib.util.find_spec(engine) is not None
+
+
+def save_onnx(network: nn.Module, example: torch.Tensor, path: Path, output_name: str) -> None:
+    """Export ``network`` with torch's ONNX exporter (a dynamic batch), optimised, to ``path``."""
+    missing = [m for m in ("onnx", "onnxscript") if not installed(m)]
+    if missing:
+        raise ImportError(f"the ONNX exporter needs {', '.join(missing)}")
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        network,
+        (example,),
+        input_names=["images"],
+        output_names=[output_name],
+        dynamic_shapes=({0: batch},),
+        dynamo=True,
+        verbose=False,
+    )
+    program.optimize()
+    program.save(str(path))
+
+
+def graph_path(folder: Path, fingerprint: str, crop_size: int) -> Path:
+    """Where the graph of a backbone with these weights and this input size is kept."""
+    key = f"{GRAPH_VERSION}:{fingerprint}:{crop_size}:{torch.__version__}"
+    return folder / "engines" / f"backbone-{hashlib.sha256(key.encode()).hexdigest()[:24]}.onnx"
+
+
+def label(engine: str, bf16: bool) -> str:
+    """What the features of ``engine`` are keyed and logged by: ``torch``, ``onnxruntime 1.23.0 fp32``."""
+    if engine == "torch":
+        return "torch"
+    precision = "bf16" if bf16 and engine == "openvino" else "fp32"  # ONNX Runtime's CPU kernels are fp32
+    return f"{engine} {importlib.metadata.version(engine)} {precision}"
+
+
+def _session(engine: str, path: Path, bf16: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An engine's compiled graph, as a function of one CPU batch."""
+    threads = torch.get_num_threads()
+    if engine == "onnxruntime":
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # A spinning pool keeps its cores busy between calls, starving the loader's workers and any
+        # other process on the machine (measured: a few images/s where it runs hundreds).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return lambda images: torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    import openvino
+
+    precision = "bf16" if bf16 else "f32"
+    compiled = openvino.Core().compile_model(
+        str(path),
+        "CPU",
+        {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision},
+    )
+    request = compiled.create_infer_request()
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(request.infer([images.numpy()])[0].copy())
+
+    return run
+
+
+def _chunked(run: Callable[[torch.Tensor], torch.Tensor]) -> Extractor:
+    """Batches in chunks of ``CPU_BATCH`` (an engine too is fastest on small batches on a CPU)."""
+
+    def extract(images: torch.Tensor) -> torch.Tensor:
+        images = images.float().contiguous()
+        return torch.cat([run(chunk.contiguous()) for chunk in images.split(CPU_BATCH)])
+
+    return extract
+
+
+def _probe_gap(run: Callable[[torch.Tensor], torch.Tensor], backbone: nn.Module, crop_size: int) -> float:
+    """How far the engine's features of a fixed probe batch are from PyTorch's, as a share of the largest."""
+    probe = torch.randn(2, 3, crop_size, crop_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = backbone(probe).float()
+    got = run(probe)
+    if got.shape != expected.shape or not torch.isfinite(got).all():
+        return float("inf")
+    return float((got - expected).abs().max() / expected.abs().max().clamp(min=torch.finfo(torch.float32).tiny))
+
+
+def chosen(engine: str, device: torch.device, images: int, graph: Path | None, quiet: bool = False) -> str:
+    """The engine a pass runs on: ``auto`` is the fastest installed one on a CPU (PyTorch for a
+    short pass whose graph is not built yet); a GPU, or an engine not installed, runs PyTorch."""
+    if engine == "torch":
+        return "torch"
+    if device.type != "cpu":
+        if engine != "auto" and not quiet:
+            log.warning("model.engine %s runs on a CPU only; the backbone runs on PyTorch on %s", engine, device)
+        return "torch"
+    if engine == "auto":
+        if images < AUTO_MIN_IMAGES and (graph is None or not graph.is_file()):
+            return "torch"
+        return next((name for name in AUTO_ORDER if installed(name)), "torch")
+    if not installed(engine):
+        if quiet:
+            return "torch"
+        log.warning(
+            "model.engine %s is not installed, so the backbone runs on PyTorch. Fix: pip install %s, or pass "
+            "--model.engine auto",
+            engine,
+            engine,
+        )
+        return "torch"
+    return engine
+
+
+def planned(
+    engine: str, device: torch.device, images: int, folder: Path | None, fingerprint: str, crop_size: int, bf16: bool
+) -> str:
+    """The label of the engine a pass of ``images`` images would run on, without building it."""
+    graph = graph_path(folder, fingerprint, crop_size) if folder is not None else None
+    return label(chosen(engine, device, images, graph, quiet=True), bf16)
+
+
+def backbone_runner(
+    backbone: nn.Module,
+    fingerprint: str,
+    crop_size: int,
+    engine: str,
+    torch_extract: Extractor,
+    images: int,
+    folder: Path | None,
+    bf16: bool = False,
+) -> Runner:
+    """The runner of a pass of ``images`` images through a backbone that does not train:
+    ``torch_extract`` (PyTorch, as the trainer runs the model), or the graph of ``engine`` for
+    this backbone, kept in ``folder`` (a temporary folder when None), built when missing or
+    damaged and checked against PyTorch before it runs."""
+    device = next(backbone.parameters()).device
+    graph = graph_path(folder, fingerprint, crop_size) if folder is not None else None
+    name = chosen(engine, device, images, graph)
+    if name == "torch":
+        return Runner(torch_extract, "torch")
+    with tempfile.TemporaryDirectory(prefix="caltech-engine-") as scratch:
+        graph = graph or graph_path(Path(scratch), fingerprint, crop_size)
+        try:
+            run = _checked_session(name, backbone, crop_size, graph, bf16)
+        except Exception as error:  # the exporter or the engine failed: PyTorch runs the pass as before
+            reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+            log.warning("The backbone cannot run on %s (%s); it runs on PyTorch", name, reason)
+            return Runner(torch_extract, "torch")
+    described = label(name, bf16)
+    log.info("The backbone runs on %s", described)
+    return Runner(_chunked(run), described)
+
+
+def _checked_session(
+    engine: str, backbone: nn.Module, crop_size: int, graph: Path, bf16: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The engine's session of ``graph``, exported first when missing, and again when the kept
+    file is damaged or gives other features than PyTorch."""
+    tolerance = BF16_TOLERANCE if bf16 and engine == "openvino" else FP32_TOLERANCE
+    graph.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(graph.parent / ".lock", "data.cache_dir"):
+        if graph.is_file():
+            try:
+                run = _session(engine, graph, bf16)
+                gap = _probe_gap(run, backbone, crop_size)
+                if gap <= tolerance:
+                    return run
+                reason = f"its features are {gap:.2g} of the largest from PyTorch's"
+            except Exception as error:
+                reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+            log.warning("The engine graph %s cannot be used (%s); exporting it again", graph, reason)
+        network = copy.deepcopy(backbone).cpu().float().eval().to(memory_format=torch.contiguous_format)
+        with written_whole(graph, "data.cache_dir") as scratch:
+            save_onnx(network, torch.zeros(2, 3, crop_size, crop_size), scratch, "features")
+        run = _session(engine, graph, bf16)
+        gap = _probe_gap(run, backbone, crop_size)
+        if gap > tolerance:
+            raise ValueError(f"its features are {gap:.2g} of the largest from PyTorch's")
+        return run

@@ -1,0 +1,164 @@
+"""engines: a backbone that does not train, on ONNX Runtime or OpenVINO, with PyTorch's features."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from caltech_cli import engines
+from caltech_cli.backbones import resolve_backbone
+from caltech_cli.engines import backbone_runner, chosen, graph_path, weights_fingerprint
+
+from conftest import caltech, csv_rows, options
+
+INSTALLED = [name for name in ("onnxruntime", "openvino") if engines.installed(name)]
+CROP = 64
+
+
+def backbone(seed: int = 0) -> torch.nn.Module:
+    """MobileNetV2 with its ImageNet weights, without its classifier, as caltech holds it; with
+    ``seed``, its last layer's scale changed (other weights, other features)."""
+    network = resolve_backbone("mobilenet_v2", "IMAGENET1K_V1", CROP).module
+    if seed:
+        with torch.no_grad():
+            network.features[-1][1].weight.mul_(1 + 0.5 * seed)
+    return network.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+
+
+def on_torch(network: torch.nn.Module):
+    def extract(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return network(images.contiguous(memory_format=torch.channels_last))
+
+    return extract
+
+
+def runner_of(network: torch.nn.Module, engine: str, folder: Path, bf16: bool = False) -> engines.Runner:
+    fingerprint = weights_fingerprint(network)
+    return backbone_runner(network, fingerprint, CROP, engine, on_torch(network), 10_000, folder, bf16)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the graphs of ``backbone(0)`` and ``backbone(1)``, exported once (an export
+    takes seconds); tests copy it, and each engine then runs a kept graph."""
+    folder = tmp_path_factory.mktemp("graphs")
+    if INSTALLED:
+        for seed in (0, 1):
+            assert runner_of(backbone(seed), INSTALLED[0], folder).name != "torch"
+    return folder
+
+
+def kept(exported: Path, folder: Path) -> Path:
+    shutil.copytree(exported, folder, dirs_exist_ok=True)
+    return folder
+
+
+def images(count: int = 6) -> torch.Tensor:
+    return torch.randn(count, 3, CROP, CROP, generator=torch.Generator().manual_seed(1))
+
+
+def gap(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+@pytest.mark.parametrize("engine", INSTALLED)
+def test_an_engine_gives_the_features_of_pytorch(engine, exported, tmp_path, caplog):
+    """Each engine runs the graph caltech exported (the fixture) with PyTorch's features; a kept
+    graph is not exported again, and other weights have a graph of their own."""
+    kept(exported, tmp_path)
+    network, other = backbone(), backbone(seed=1)
+    graphs = {graph_path(tmp_path, weights_fingerprint(n), CROP) for n in (network, other)}
+    assert len(graphs) == 2 and all(graph.is_file() for graph in graphs)
+    built = {graph: graph.stat().st_mtime_ns for graph in graphs}
+    with caplog.at_level(logging.INFO, logger="caltech_cli"):
+        runner = runner_of(network, engine, tmp_path)
+    assert runner.name.startswith(engine) and runner.name.endswith("fp32"), runner.name
+    batch = images(7)  # not a multiple of the chunk
+    assert gap(runner.extract(batch), on_torch(network)(batch)) < 1e-4
+    assert gap(runner_of(other, engine, tmp_path).extract(batch), on_torch(other)(batch)) < 1e-4
+    assert {graph: graph.stat().st_mtime_ns for graph in graphs} == built, "a kept graph is not exported again"
+    assert "exporting" not in caplog.text
+
+
+@pytest.mark.skipif("openvino" not in INSTALLED, reason="OpenVINO is not installed")
+def test_openvino_in_bf16_is_named_so_and_stays_near(exported, tmp_path):
+    network = backbone()
+    runner = runner_of(network, "openvino", kept(exported, tmp_path), bf16=True)
+    assert runner.name.endswith("bf16")
+    batch = images()
+    assert gap(runner.extract(batch), on_torch(network)(batch)) < engines.BF16_TOLERANCE
+
+
+@pytest.mark.hostile
+@pytest.mark.skipif("onnxruntime" not in INSTALLED, reason="ONNX Runtime is not installed")
+@pytest.mark.parametrize("damage", ["truncated", "another backbone's"])  # each exports again: seconds
+def test_a_damaged_or_altered_graph_is_exported_again(damage, exported, tmp_path, caplog):
+    """A kept graph is checked against PyTorch before it runs: one that fails to load, or gives
+    other features (another backbone's graph put in its place), is exported again."""
+    network = backbone()
+    graph = graph_path(kept(exported, tmp_path), weights_fingerprint(network), CROP)
+    if damage == "truncated":
+        graph.write_bytes(graph.read_bytes()[:5000])
+    else:
+        graph.write_bytes(graph_path(tmp_path, weights_fingerprint(backbone(seed=1)), CROP).read_bytes())
+    with caplog.at_level(logging.WARNING, logger="caltech_cli"):
+        runner = runner_of(network, "onnxruntime", tmp_path)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "cannot be used" in said[0] and "exporting it again" in said[0], caplog.text
+    batch = images()
+    assert gap(runner.extract(batch), on_torch(network)(batch)) < 1e-4
+
+
+def test_an_engine_that_is_not_installed_leaves_the_pass_to_pytorch_in_one_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(engines, "installed", lambda name: False)
+    with caplog.at_level(logging.WARNING, logger="caltech_cli"):
+        runner = runner_of(backbone(), "openvino", tmp_path)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert runner.name == "torch" and len(said) == 1 and "pip install openvino" in said[0], said
+    assert runner_of(backbone(), "auto", tmp_path).name == "torch"
+
+
+def test_auto_runs_short_passes_on_pytorch_and_gpus_on_pytorch(tmp_path, caplog):
+    graph = tmp_path / "graph.onnx"
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    fastest = next((name for name in engines.AUTO_ORDER if engines.installed(name)), "torch")
+    assert chosen("auto", cpu, 10, graph) == "torch", "exporting costs more than a short pass saves"
+    assert chosen("auto", cpu, engines.AUTO_MIN_IMAGES, graph) == fastest
+    graph.write_bytes(b"kept")
+    assert chosen("auto", cpu, 10, graph) == fastest, "a kept graph costs nothing to build"
+    assert chosen("torch", cpu, 10_000, graph) == "torch"
+    with caplog.at_level(logging.WARNING, logger="caltech_cli"):
+        assert chosen("auto", gpu, 10_000, graph) == "torch" and not caplog.records
+        assert chosen("onnxruntime", gpu, 10_000, graph) == "torch"
+    assert "runs on a CPU only" in caplog.records[0].getMessage()
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif("onnxruntime" not in INSTALLED, reason="ONNX Runtime is not installed")
+def test_the_feature_cache_keys_the_engine_and_predict_agrees_across_engines(image_folder, tmp_path, capsys):
+    """The same fit on PyTorch and on ONNX Runtime caches features under two keys (the engine and its
+    precision are part of the key), and predict on either engine gives the same probabilities."""
+    for engine in ("torch", "onnxruntime"):
+        status, stderr = caltech("fit", *options(tmp_path, image_folder, "--model.engine", engine), capsys=capsys)
+        assert status == 0, stderr[-3000:]
+    cache = tmp_path / "data" / "feature-cache"
+    assert len(list(cache.glob("train-*.pt"))) == 2 and len(list(cache.glob("engines/*.onnx"))) == 1
+    photos = image_folder / "circles"
+    probabilities = {}
+    for engine in ("torch", "onnxruntime"):
+        status, stderr = caltech(
+            "predict", *options(tmp_path, image_folder), "--ckpt_path", str(tmp_path / "runs" / "best.ckpt"),
+            "--data.predict_dir", str(photos), "--model.engine", engine,
+            "--trainer.default_root_dir", str(tmp_path / engine), capsys=capsys,
+        )  # fmt: skip
+        assert status == 0, stderr[-3000:]
+        assert ("The backbone runs on onnxruntime" in stderr) == (engine == "onnxruntime"), stderr[-3000:]
+        rows = csv_rows(tmp_path / engine / "predictions.csv")
+        probabilities[engine] = torch.tensor([float(row["probability"]) for row in rows])
+        assert len(rows) == 13
+    assert torch.allclose(probabilities["torch"], probabilities["onnxruntime"], atol=1e-4)
