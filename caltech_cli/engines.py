@@ -6,18 +6,19 @@ PyTorch's thread pool stalls (docs/performance.md#engines). What does not train 
 :func:`backbone_runner`: the feature cache's pass, ``validate``, ``test`` and ``predict`` on
 images (``serve`` still runs PyTorch). On a GPU the backbone runs on PyTorch, as it trains.
 
-The engine's graph is exported by ``caltech`` from the backbone it holds, never taken from a
-file someone else made: one ONNX file per backbone weights (hashed), input size and exporter
-version, kept beside the feature cache under the same lock, written to a temporary name and
-renamed when complete. Before a pass the engine runs a probe batch beside PyTorch; a graph that
-does not give PyTorch's features (within ``1e-4`` of the largest for float32) is exported again,
-and one that still does not is left for PyTorch, with one line saying so.
+The engine's graph is exported by ``caltech`` from the backbone it holds: one ONNX file per
+backbone weights (hashed), input size and exporter version, kept beside the feature cache under
+the same lock, written to a temporary name and renamed when complete, and trusted as the feature
+cache is (a folder of the user's). Before a pass the engine runs a probe batch beside PyTorch; a
+graph that does not give PyTorch's features (within ``1e-4`` of the largest for float32) is
+exported again, and one that still does not is left for PyTorch, saying so.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -101,7 +102,11 @@ def label(engine: str, bf16: bool) -> str:
     if engine == "torch":
         return "torch"
     precision = "bf16" if bf16 and engine == "openvino" else "fp32"  # ONNX Runtime's CPU kernels are fp32
-    return f"{engine} {importlib.metadata.version(engine)} {precision}"
+    try:
+        version = importlib.metadata.version(engine)
+    except importlib.metadata.PackageNotFoundError:  # installed under another name (onnxruntime-openvino, ...)
+        version = importlib.import_module(engine).__version__
+    return f"{engine} {version} {precision}"
 
 
 def _session(engine: str, path: Path, bf16: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -149,7 +154,7 @@ def _probe_gap(run: Callable[[torch.Tensor], torch.Tensor], backbone: nn.Module,
     """How far the engine's features of a fixed probe batch are from PyTorch's, as a share of the largest."""
     probe = torch.randn(2, 3, crop_size, crop_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        expected = backbone(probe).float()
+        expected = backbone(probe.to(next(backbone.parameters()).dtype)).float()
     got = run(probe)
     if got.shape != expected.shape or not torch.isfinite(got).all():
         return float("inf")
@@ -227,7 +232,10 @@ def _checked_session(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The engine's session of ``graph``, exported first when missing, and again when the kept
     file is damaged or gives other features than PyTorch."""
-    tolerance = BF16_TOLERANCE if bf16 and engine == "openvino" else FP32_TOLERANCE
+    tolerance = BF16_TOLERANCE if bf16 else FP32_TOLERANCE  # against a bfloat16 PyTorch too
+    for path in (graph.parent, graph):
+        if path.is_symlink():  # what is read or written through it would be wherever it points
+            raise ValueError(f"{path} is a symbolic link; remove it, caltech makes it anew")
     graph.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(graph.parent / ".lock", "data.cache_dir"):
         if graph.is_file():

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pytorch_lightning import LightningModule
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MetricCollection
 
@@ -57,8 +58,8 @@ class TransferClassifier(LightningModule):
             images of some classes; weighting lifts the mean per-class accuracy (``acc_macro``).
         label_smoothing: Label smoothing of the training loss (``torch.nn.functional.cross_entropy``).
         engine: What runs the backbone where it does not train (the feature cache's pass,
-            ``validate``, ``test`` and ``predict`` on images) on a CPU: ``auto`` the fastest
-            engine installed (OpenVINO, else ONNX Runtime; PyTorch for a pass of a few hundred
+            ``validate``, ``test`` and ``predict`` on images) on a CPU: ``auto`` ONNX Runtime
+            (else OpenVINO where only it is installed; PyTorch for a pass of a few hundred
             images whose graph is not built yet), or ``torch``, ``onnxruntime``, ``openvino``.
             Each engine's features are checked against PyTorch's before a pass; on a GPU the
             backbone runs on PyTorch.
@@ -91,8 +92,9 @@ class TransferClassifier(LightningModule):
             raise CaltechError(f"model.label_smoothing {label_smoothing} is not in [0, 1). Fix: pass e.g. 0.1, or 0.")
         self.label_smoothing = label_smoothing
         self.engine = engine
-        # The engine's runner of the backbone while it does not train, and the weights it was built for.
-        self._inference: tuple[str, Runner] | None = None
+        # What runs the backbone while it does not train (``backbone_runner``), and for which weights,
+        # device and precision; dropped when a stage ends, so other weights never meet it.
+        self._inference: tuple[tuple[str, str, bool], Runner] | None = None
         # Per-class weights of the training loss, from the training labels when fit starts.
         self.loss_weights: torch.Tensor | None = None
         # Whether unfrozen BatchNorm layers use batch statistics; the fine-tuning callback sets it.
@@ -154,8 +156,9 @@ class TransferClassifier(LightningModule):
         BatchNorm layers use their running statistics, so the chunks give the same features. A
         backbone in training mode sees the batch whole, for its batch statistics.
         """
-        if self._inference is not None and not self.backbone_trains:
-            return self._inference[1].extract(images)
+        runner = self._inference[1] if self._inference is not None else None
+        if runner is not None and runner.name != "torch" and not self.backbone_trains and images.device.type == "cpu":
+            return runner.extract(images)
         images = images.contiguous(memory_format=self.memory_format)
         chunked = images.device.type == "cpu" and not self.backbone.training and len(images) > CPU_BATCH
         with torch.no_grad() if not self.backbone_trains else contextlib.nullcontext():
@@ -182,8 +185,9 @@ class TransferClassifier(LightningModule):
         """What runs a pass of ``images`` images through the backbone, which must not train: the
         engine of ``model.engine``, its graph kept in ``folder`` (``engines.backbone_runner``)."""
         fingerprint = weights_fingerprint(self.backbone)
-        if self._inference is not None and self._inference[0] == fingerprint:
-            return self._inference[1]
+        key = (fingerprint, str(self.device), self._bf16())
+        if self._inference is not None and self._inference[0] == key:
+            return self._inference[1]  # chosen once: an engine, or PyTorch (said once)
         self._inference = None  # PyTorch runs the backbone until an engine does
         runner = backbone_runner(
             self.backbone,
@@ -195,8 +199,13 @@ class TransferClassifier(LightningModule):
             folder,
             self._bf16(),
         )
-        self._inference = (fingerprint, runner) if runner.name != "torch" else None
+        self._inference = (key, runner)
         return runner
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """Other weights: an engine built for the ones before must not run them."""
+        self._inference = None
+        return super().load_state_dict(*args, **kwargs)
 
     def _engine_for(self, loaders: Any) -> None:
         """Run the backbone on its engine for the images these loaders give, where it does not
@@ -215,13 +224,24 @@ class TransferClassifier(LightningModule):
             self.backbone_runner(images, getattr(datamodule, "cache_dir", None))
 
     def on_validation_start(self) -> None:
-        self._engine_for(self.trainer.val_dataloaders)
+        if not self.trainer.sanity_checking:  # a few batches: not worth a graph
+            self._engine_for(self.trainer.val_dataloaders)
 
     def on_test_start(self) -> None:
         self._engine_for(self.trainer.test_dataloaders)
 
     def on_predict_start(self) -> None:
         self._engine_for(self.trainer.predict_dataloaders)
+
+    def _stage_ends(self) -> None:
+        """A stage is over: the next one, perhaps with other weights or on another device, chooses again."""
+        self._inference = None
+
+    on_fit_end = on_test_end = on_predict_end = _stage_ends
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == TrainerFn.VALIDATING:  # fit's validations keep fit's engine
+            self._stage_ends()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class scores for images (N, 3, H, W), or for cached backbone features (N, width).
@@ -338,12 +358,16 @@ class TransferClassifier(LightningModule):
 
     def on_train_start(self) -> None:
         """Start the sums afresh, also where a fit resumes within an epoch (no epoch starts
-        then), after another fit of this model that an exception cut short; a frozen backbone
-        that sees images runs on its engine."""
-        self.on_train_epoch_start()
-        self._engine_for(self.trainer.train_dataloader)
+        then), after another fit of this model that an exception cut short."""
+        self._start_sums()
 
     def on_train_epoch_start(self) -> None:
+        """A frozen backbone that sees images runs on its engine; Lightning calls this after the
+        callbacks' own, so a backbone ``BackboneUnfreeze`` unfreezes now is not put on one."""
+        self._start_sums()
+        self._engine_for(self.trainer.train_dataloader)
+
+    def _start_sums(self) -> None:
         self._train_loss_sum, self._train_images = None, 0
         if self.class_names is not None:
             self.train_metrics.reset()

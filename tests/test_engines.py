@@ -12,8 +12,9 @@ import torch
 from caltech_cli import engines
 from caltech_cli.backbones import resolve_backbone
 from caltech_cli.engines import backbone_runner, chosen, graph_path, weights_fingerprint
+from caltech_cli.model import TransferClassifier
 
-from conftest import caltech, csv_rows, options
+from conftest import FINETUNE, caltech, csv_rows, options, small_run
 
 INSTALLED = [name for name in ("onnxruntime", "openvino") if engines.installed(name)]
 CROP = 64
@@ -162,3 +163,47 @@ def test_the_feature_cache_keys_the_engine_and_predict_agrees_across_engines(ima
         probabilities[engine] = torch.tensor([float(row["probability"]) for row in rows])
         assert len(rows) == 13
     assert torch.allclose(probabilities["torch"], probabilities["onnxruntime"], atol=1e-4)
+
+
+def test_other_weights_never_meet_the_engine_of_the_ones_before(exported, tmp_path):
+    """Loading other weights into the model drops its engine: the features are those of the new weights."""
+    model = TransferClassifier(image_size=CROP, class_names=["a", "b"])
+    runner = model.backbone_runner(10_000, kept(exported, tmp_path))
+    assert runner.name.startswith(INSTALLED[0])
+    batch = images()
+    state = {name: tensor * 0.5 if name.endswith("features.18.1.weight") else tensor
+             for name, tensor in model.state_dict().items()}  # fmt: skip
+    model.load_state_dict(state)
+    assert gap(model.features(batch), on_torch(model.backbone)(batch)) < 1e-6
+
+
+@pytest.mark.hostile
+def test_a_link_in_the_engines_folder_is_not_followed(tmp_path, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "engines").symlink_to(elsewhere)
+    with caplog.at_level(logging.WARNING, logger="caltech_cli"):
+        runner = runner_of(backbone(), INSTALLED[0], tmp_path / "cache")
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert runner.name == "torch" and len(said) == 1 and "symbolic link" in said[0], said
+    assert not list(elsewhere.iterdir())
+
+
+@pytest.mark.e2e
+def test_a_fit_says_once_that_its_engine_is_missing_and_a_backbone_that_trains_gets_none(
+    image_folder, tmp_path, monkeypatch, capsys
+):
+    """Without the cache every epoch's training and validation see images: the missing engine is
+    said once. A backbone that fine-tuning unfreezes at once never gets a graph exported."""
+    monkeypatch.setattr(engines, "installed", lambda name: False)
+    run = options(tmp_path / "frozen", image_folder, "--data.cache_features", "false", "--trainer.max_epochs", "2")
+    status, stderr = caltech("fit", *run, "--model.engine", "openvino", capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    assert stderr.count("model.engine openvino is not installed") == 1, stderr[-3000:]
+    monkeypatch.undo()
+    run = [*small_run(tmp_path / "tuned", str(image_folder), config=FINETUNE), "--trainer.logger", "false"]
+    run += ["--trainer.max_epochs", "1", "--trainer.callbacks.unfreeze_at_epoch", "0"]
+    status, stderr = caltech("fit", *run, "--model.engine", "onnxruntime", capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    assert "runs on onnxruntime" not in stderr and not list((tmp_path / "tuned").rglob("*.onnx"))
