@@ -40,8 +40,8 @@ BATCH = 32  # images in one network call, at most, for both servers
 WAIT_S = 0.005  # how long a request waits for others to share its call, for both servers
 
 
-def predict_throughput(ckpt: Path, images: Path, work: Path) -> float:
-    """``caltech predict``'s images/s over ``images``, less its start-up."""
+def predict_throughput(ckpt: Path, images: Path, files: list[Path], work: Path) -> float:
+    """``caltech predict``'s images/s over ``images`` (the folder of ``files``), less its start-up."""
 
     def run(folder: Path, name: str) -> float:
         return caltech(
@@ -52,10 +52,9 @@ def predict_throughput(ckpt: Path, images: Path, work: Path) -> float:
 
     one = work / "one"
     one.mkdir()
-    first = find_images(images)[0]
-    shutil.copy(first, one / first.name)
+    shutil.copy(files[0], one / files[0].name)
     startup = run(one, "startup")
-    return len(find_images(images)) / (run(images, "run") - startup)
+    return len(files) / (run(images, "run") - startup)
 
 
 def free_port() -> int:
@@ -164,7 +163,7 @@ def main() -> None:
         f"{len(files)} images, {args.clients} clients x {args.requests} requests of one image, "
         f"{len(os.sched_getaffinity(0))} CPU cores, torch {torch.__version__}"
     )
-    predict = predict_throughput(args.ckpt, images, work)
+    predict = predict_throughput(args.ckpt, images, files, work)
     print(f"{'caltech predict (less start-up)':<30} {predict:6.1f} img/s (batch {BATCH})")
     servers = [
         (

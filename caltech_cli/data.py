@@ -190,6 +190,8 @@ class ImageClassificationDataModule(LightningDataModule):
         self.layout: folders.Layout | None = None
         self.splits: dict[str, LabelledImages] = {}  # train, val and test, once setup has made them
         self.fingerprint: str | None = None
+        # The training images' keys a checkpoint keeps, computed at its first save (``state_dict``).
+        self._train_keys: list[str] | None = None
         self.predict_files: list[Path] = []
 
     def prepare_data(self) -> None:
@@ -275,6 +277,7 @@ class ImageClassificationDataModule(LightningDataModule):
             for name, part, transform in zip(folders.SPLITS, splits, transforms)
         }
         self.fingerprint = splits.fingerprint
+        self._train_keys = None
         log.info(
             "%d images in %d classes: %s train, %s val, %s test (split %s)",
             sum(len(part.files) for part in splits),
@@ -288,8 +291,9 @@ class ImageClassificationDataModule(LightningDataModule):
         images (``folders.member_keys``), which :meth:`load_state_dict` checks against."""
         if not self.splits:
             return {}
-        train = self.train_set
-        return {"split": self.fingerprint, "train_keys": sorted(folders.member_keys(self.root, train.files))}
+        if self._train_keys is None:  # once: Lightning asks at every save, and the split stays
+            self._train_keys = sorted(folders.member_keys(self.root, self.train_set.files))
+        return {"split": self.fingerprint, "train_keys": self._train_keys}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint whose training images are among those this run scores: a resumed
@@ -368,8 +372,8 @@ class ImageClassificationDataModule(LightningDataModule):
         precision), on the model's inference engine (``model.engine``)."""
         batch_size = feature_batch_size(self.feature_batch_size, self._device())
         return Extraction(
-            lambda images: model.backbone_runner(images, self.cache_dir),
-            lambda images: model.planned_engine(images, self.cache_dir),
+            lambda images, fingerprint: model.backbone_runner(images, self.cache_dir, fingerprint),
+            lambda images, fingerprint: model.planned_engine(images, self.cache_dir, fingerprint),
             model.backbone,
             str(self.trainer.precision),
             batch_size,

@@ -33,6 +33,7 @@ from torch import nn
 
 from caltech_cli.devices import CPU_BATCH, Extractor
 from caltech_cli.files import folder_lock, written_whole
+from caltech_cli.text import reason
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +220,7 @@ def backbone_runner(
         try:
             run = _checked_session(name, backbone, crop_size, graph, bf16)
         except Exception as error:  # the exporter or the engine failed: PyTorch runs the pass as before
-            reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
-            log.warning("The backbone cannot run on %s (%s); it runs on PyTorch", name, reason)
+            log.warning("The backbone cannot run on %s (%s); it runs on PyTorch", name, reason(error))
             return Runner(torch_extract, "torch")
     described = label(name, bf16)
     log.info("The backbone runs on %s", described)
@@ -244,10 +244,10 @@ def _checked_session(
                 gap = _probe_gap(run, backbone, crop_size)
                 if gap <= tolerance:
                     return run
-                reason = f"its features are {gap:.2g} of the largest from PyTorch's"
+                why = f"its features are {gap:.2g} of the largest from PyTorch's"
             except Exception as error:
-                reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
-            log.warning("The engine graph %s cannot be used (%s); exporting it again", graph, reason)
+                why = reason(error)
+            log.warning("The engine graph %s cannot be used (%s); exporting it again", graph, why)
         network = copy.deepcopy(backbone).cpu().float().eval().to(memory_format=torch.contiguous_format)
         with written_whole(graph, "data.cache_dir") as scratch:
             save_onnx(network, torch.zeros(2, 3, crop_size, crop_size), scratch, "features")

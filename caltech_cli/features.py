@@ -41,6 +41,7 @@ from caltech_cli.files import folder_lock, written_whole
 from caltech_cli.images import LabelledImages
 from caltech_cli.loading import loader_workers
 from caltech_cli.metrics import LEFT_OUT
+from caltech_cli.text import reason
 from caltech_cli.transforms import Preprocessing, eval_transform, flipped_eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -179,22 +180,21 @@ def _load_cache(path: Path, key: dict, dataset: LabelledImages, views: int, name
             dataset.failed[index] = 1
     # A cache is only a copy: whatever is wrong with the file, the features are computed again.
     except Exception as error:
-        reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
-        log.warning("The cached %s features in %s cannot be used (%s); computing them again", name, path, reason)
+        log.warning("The cached %s features in %s cannot be used (%s); computing them again", name, path, reason(error))
         return None
     return CachedFeatures(features, labels)
 
 
 @dataclass(frozen=True)
 class Extraction:
-    """How the backbone pass runs: ``runner(images)`` is what runs a pass of that many images
-    (PyTorch where and how the trainer runs the model, or an inference engine, ``engines``) and
-    ``planned(images)`` names it without building it, for the key; ``backbone`` is what it runs,
-    hashed for the key, and its device is where the pass runs; ``precision`` names the trainer's
-    precision for the key."""
+    """How the backbone pass runs: ``runner(images, fingerprint)`` is what runs a pass of that many
+    images (PyTorch where and how the trainer runs the model, or an inference engine, ``engines``)
+    and ``planned(images, fingerprint)`` names it without building it, for the key; ``backbone``
+    is what it runs, hashed (``fingerprint``) for the key, and its device is where the pass runs;
+    ``precision`` names the trainer's precision for the key."""
 
-    runner: Callable[[int], Runner]
-    planned: Callable[[int], str]
+    runner: Callable[[int, str], Runner]
+    planned: Callable[[int, str], str]
     backbone: nn.Module
     precision: str
     batch_size: int
@@ -230,7 +230,7 @@ def cached_features(
                 found[split.name] = cached
         return missing
 
-    planned = extraction.planned(asked)
+    planned = extraction.planned(asked, fingerprint)
     paths = paths_for(planned)
     folder.mkdir(parents=True, exist_ok=True)
     found: dict[str, CachedFeatures] = {}
@@ -238,7 +238,7 @@ def cached_features(
         missing = reuse(splits, paths)
         if not missing:
             return found
-        runner = extraction.runner(asked)
+        runner = extraction.runner(asked, fingerprint)
         if runner.name != planned:  # the planned engine could not run: the features of the one that does
             paths = paths_for(runner.name)
             missing = reuse(missing, paths)

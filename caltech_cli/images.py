@@ -92,8 +92,9 @@ def image_problem(path: Path) -> str | None:
         return NOT_AN_IMAGE
     except (OSError, ValueError, SyntaxError) as error:
         return f"unreadable ({error})"
-    if size_problem(size, SCAN_SHORT_SIDE) is not None:
-        return size_problem(size, SCAN_SHORT_SIDE)
+    problem = size_problem(size, SCAN_SHORT_SIDE)
+    if problem is not None:
+        return problem
     if kind in END_MARKERS and not _ends_intact(path, END_MARKERS[kind]):
         return f"truncated {kind} (its end is missing)"
     if kind != "JPEG":

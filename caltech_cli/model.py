@@ -175,16 +175,17 @@ class TransferClassifier(LightningModule):
     def _bf16(self) -> bool:
         return self._trainer is not None and str(self._trainer.precision).startswith("bf16")
 
-    def planned_engine(self, images: int, folder: Path | None) -> str:
-        """What :meth:`backbone_runner` would run a pass of ``images`` images on (``engines.label``)."""
-        fingerprint = weights_fingerprint(self.backbone)
+    def planned_engine(self, images: int, folder: Path | None, fingerprint: str) -> str:
+        """What :meth:`backbone_runner` would run a pass of ``images`` images on (``engines.label``),
+        for the backbone's weights of this ``fingerprint``."""
         crop = self.preprocessing.crop_size
         return planned(self.engine, self.device, images, folder, fingerprint, crop, self._bf16())
 
-    def backbone_runner(self, images: int, folder: Path | None) -> Runner:
+    def backbone_runner(self, images: int, folder: Path | None, fingerprint: str | None = None) -> Runner:
         """What runs a pass of ``images`` images through the backbone, which must not train: the
-        engine of ``model.engine``, its graph kept in ``folder`` (``engines.backbone_runner``)."""
-        fingerprint = weights_fingerprint(self.backbone)
+        engine of ``model.engine``, its graph kept in ``folder`` (``engines.backbone_runner``).
+        ``fingerprint``: the backbone's ``weights_fingerprint``, where the caller has it already."""
+        fingerprint = fingerprint or weights_fingerprint(self.backbone)
         key = (fingerprint, str(self.device), self._bf16())
         if self._inference is not None and self._inference[0] == key:
             return self._inference[1]  # chosen once: an engine, or PyTorch (said once)
@@ -459,14 +460,17 @@ class TransferClassifier(LightningModule):
 MODEL_OPTIONS = frozenset(inspect.signature(TransferClassifier).parameters)
 
 
-def load_trained(ckpt_path: Path, channels_last: bool = False) -> tuple[TransferClassifier, Preprocessing]:
+def load_trained(
+    ckpt_path: Path, channels_last: bool = False, checkpoint: dict[str, Any] | None = None
+) -> tuple[TransferClassifier, Preprocessing]:
     """The model of a checkpoint that ``caltech fit`` wrote, in eval mode on the CPU, and the
     preprocessing it was trained with (``export`` and ``serve`` run it outside Lightning).
+    ``checkpoint``: the file as ``read_checkpoint`` gave it, where the caller has read it already.
 
     The backbone is built without its pretrained weights (the checkpoint holds all of them), so
     this needs no download.
     """
-    checkpoint = read_checkpoint(ckpt_path, MODEL_OPTIONS)
+    checkpoint = checkpoint or read_checkpoint(ckpt_path, MODEL_OPTIONS)
     saved = checkpoint["hyper_parameters"]
     model = TransferClassifier(
         backbone=saved["backbone"],

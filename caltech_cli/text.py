@@ -30,6 +30,12 @@ def escaped(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def reason(error: BaseException) -> str:
+    """Why something failed, for a message of one line: the error's type and text, its white space
+    folded, at most 200 characters."""
+    return " ".join(f"{type(error).__name__}: {error}".split())[:200]
+
+
 def shown(name: object) -> str:
     """A file or class name as it may be printed: valid UTF-8, control characters escaped."""
     return escaped(printable(str(name)))

@@ -36,6 +36,7 @@ class WandbValidationSamples(Callback):
             )
         self.samples = samples
         self.seed = seed
+        self._chosen: list[int] = []  # the validation images shown, the same in every epoch
         self._thumbnails: list[Image.Image] = []
         self._cells: list[Any] = []  # the table's wandb.Image of each, made once
 
@@ -46,14 +47,15 @@ class WandbValidationSamples(Callback):
             return
         import wandb
 
-        # Among the images the validation could read (data.skip_bad_images leaves the others out).
-        readable = [i for i in range(len(images)) if not images.failed[i]]
-        chosen = [readable[i] for i in fixed_sample(len(readable), self.samples, self.seed)]
-        if not chosen:
-            return
-        if not self._thumbnails:
-            self._thumbnails = [thumbnail(images.files[i], 128, square=True) for i in chosen]
+        if not self._chosen:
+            # Among the images the validation could read (data.skip_bad_images leaves the others out).
+            readable = [i for i in range(len(images)) if not images.failed[i]]
+            self._chosen = [readable[i] for i in fixed_sample(len(readable), self.samples, self.seed)]
+            if not self._chosen:
+                return
+            self._thumbnails = [thumbnail(images.files[i], 128, square=True) for i in self._chosen]
             self._cells = [wandb.Image(thumb) for thumb in self._thumbnails]
+        chosen = self._chosen
         # The validation loader's own items: cached features when the backbone is cached, else images.
         source = trainer.val_dataloaders.dataset
         inputs = torch.stack([source[i][0] for i in chosen]).to(pl_module.device)

@@ -45,8 +45,9 @@ def from_checkpoint(path: Path, tta: bool) -> Classifier:
     from caltech_cli.checkpoints import read_checkpoint
     from caltech_cli.model import MODEL_OPTIONS, load_trained
 
-    saved = read_checkpoint(path, MODEL_OPTIONS)["hyper_parameters"]
-    model, preprocessing = load_trained(path, channels_last=saved.get("channels_last", True))
+    checkpoint = read_checkpoint(path, MODEL_OPTIONS)
+    saved = checkpoint["hyper_parameters"]
+    model, preprocessing = load_trained(path, saved.get("channels_last", True), checkpoint)
 
     @torch.inference_mode()
     def probabilities(images: torch.Tensor) -> torch.Tensor:
