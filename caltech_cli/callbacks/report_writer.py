@@ -21,6 +21,7 @@ from caltech_cli.metrics import LEFT_OUT
 from caltech_cli.report import write_test_report
 from caltech_cli.report.pictures import mistake_caption, thumbnail
 from caltech_cli.report.stats import class_counts
+from caltech_cli.report.tables import OPTION
 
 # The packages whose versions a report names.
 VERSIONED = ("caltech-cli", "torch", "torchvision", "pytorch-lightning", "torchmetrics")
@@ -111,8 +112,8 @@ class TestReport(Callback):
 
     def folder(self, trainer: pl.Trainer) -> Path:
         folder = Path(self.output) if self.output else Path(trainer.default_root_dir) / "report"
-        no_link_below(Path(trainer.default_root_dir), folder, "report.output")
-        return writable_folder(folder, "report.output")
+        no_link_below(Path(trainer.default_root_dir), folder, OPTION)
+        return writable_folder(folder, OPTION)
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._probs, self._labels = [], []

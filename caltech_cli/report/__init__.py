@@ -104,7 +104,6 @@ def _page(
     provenance: dict[str, str],
     examples: int,
 ) -> str:
-    support = torch.bincount(labels, minlength=len(names)).tolist()
     confused = stats.most_confused_with(probs, labels, len(names))
     f1 = stats.f1_per_class(probs, labels, len(names))
     table_rows = [
@@ -126,7 +125,7 @@ def _page(
         provenance,
         estimates,
         table_rows,
-        [(names[t], names[p], len(items), support[t], thumbs(items[:examples])) for t, p, items in pairs],
+        [(names[t], names[p], len(items), rows[t]["support"], thumbs(items[:examples])) for t, p, items in pairs],
         thumbs(written.worst),
         thumbs(stats.label_doubts(probs, labels, 12)),
         {"Precision and recall": written.pictures[1], "Calibration": written.pictures[2]},

@@ -13,9 +13,8 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
-
-from caltech_cli.images import UNREADABLE, load_rgb
+from caltech_cli.images import UNREADABLE
+from caltech_cli.report.pictures import thumbnail
 from caltech_cli.report.stats import Estimate
 
 # Nothing but the page itself: no script, style, font or image from elsewhere, no request at all.
@@ -73,10 +72,9 @@ def png_uri(path: Path) -> str:
 def thumbnail_uri(path: Path) -> str | None:
     """A small JPEG of the image as a data URI; None when it cannot be read."""
     try:
-        image = load_rgb(path, min_size=THUMBNAIL)
+        image = thumbnail(path, THUMBNAIL)
     except UNREADABLE:
         return None
-    image.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR)
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
