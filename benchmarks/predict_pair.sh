@@ -11,8 +11,8 @@ old=$(realpath "$1") new=$(realpath "$2") ckpt=$(realpath "$3") folder=$(realpat
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=$here/.venv/bin/python
 [ -x "$python" ] || python=python3
-mkdir -p "$work/one"
-first=$(find "$folder" -type f | sort | head -1)
+mkdir -p "$work/one" && cd "$work" || exit 1  # python -m puts the working folder first on the path
+first=$(find -L "$folder" -type f | sort | head -1)
 ln -sf "$first" "$work/one/$(basename "$first")"
 for round in 1 2; do
     for code in old new; do

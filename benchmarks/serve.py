@@ -5,7 +5,8 @@
 (b) ``caltech serve`` (FastAPI and uvicorn, requests batched into one network call): its start-up
     until ``/health`` answers, then CLIENTS concurrent clients each posting REQUESTS requests of one
     image, cycling through the images: p50 and p99 latency, images/s and the error count (a reply
-    other than 200 with the top classes);
+    other than 200 with the top classes); with the backbone on PyTorch (``--engine torch``) and on
+    ``--engine auto`` with its graph kept (a first start with ``--engine onnxruntime`` exports it);
 (c) with ``--litserve``, the same classifier behind LitServe (Lightning's serving engine, on
     FastAPI and uvicorn too, with its own batching over worker processes; ``serve_litserve.py``),
     started and loaded the same way: what the choice of server library was measured by.
@@ -64,7 +65,7 @@ def free_port() -> int:
 
 
 def start(command: list[str], url: str | None) -> tuple[subprocess.Popen, str, float]:
-    """Start a server; its URL (read from its first line when ``url`` is None) and the seconds
+    """Start a server; its URL (read from its output when ``url`` is None) and the seconds
     until ``/health`` answered."""
     began = time.perf_counter()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -73,11 +74,12 @@ def start(command: list[str], url: str | None) -> tuple[subprocess.Popen, str, f
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
     if url is None:
-        line = process.stdout.readline()
-        found = re.search(r"at (http://\S+/) ", line)
-        if not found:
-            stop(process)
-            sys.exit(f"the server did not start: {line}")
+        said = []  # the lines before it serves (the engine that runs the backbone, say)
+        while not (found := re.search(r"^Serving .* at (http://\S+/) ", said[-1] if said else "")):
+            said.append(process.stdout.readline())
+            if not said[-1]:
+                stop(process)
+                sys.exit(f"the server did not start: {''.join(said)[-3000:]}")
         url = found[1]
     while time.perf_counter() - began < 300:
         try:
@@ -165,25 +167,14 @@ def main() -> None:
     )
     predict = predict_throughput(args.ckpt, images, files, work)
     print(f"{'caltech predict (less start-up)':<30} {predict:6.1f} img/s (batch {BATCH})")
+    serve = [sys.executable, "-m", "caltech_cli", "serve", "--ckpt_path", str(args.ckpt), "--port", "0",
+             "--max_batch", str(BATCH), "--batch_wait_ms", str(WAIT_S * 1000)]  # fmt: skip
+    cache = ["--cache_dir", str(work / "cache")]
+    # A first start with a named engine exports the backbone's graph into the cache; auto runs it then.
+    stop(start([*serve, *cache, "--engine", "onnxruntime"], None)[0])
     servers = [
-        (
-            "caltech serve (FastAPI)",
-            [
-                sys.executable,
-                "-m",
-                "caltech_cli",
-                "serve",
-                "--ckpt_path",
-                str(args.ckpt),
-                "--port",
-                "0",
-                "--max_batch",
-                str(BATCH),
-                "--batch_wait_ms",
-                str(WAIT_S * 1000),
-            ],  # fmt: skip
-            None,
-        )
+        ("caltech serve, PyTorch", [*serve, "--engine", "torch"], None),
+        ("caltech serve, auto engine", [*serve, *cache], None),
     ]
     if args.litserve:
         port = free_port()

@@ -21,6 +21,7 @@ another program's) is computed again, with one line saying so; nothing in it is 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from caltech_cli.images import LabelledImages
 from caltech_cli.loading import loader_workers
 from caltech_cli.metrics import LEFT_OUT
 from caltech_cli.text import reason
-from caltech_cli.transforms import Preprocessing, eval_transform, flipped_eval_transform, train_transform
+from caltech_cli.transforms import Preprocessing, eval_transform, flip_views, flipped_eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -104,6 +105,19 @@ class CachedSplit:
     dataset: LabelledImages  # with the transform whose output is cached
     transform_id: str
     views: int = 1
+    # The split whose images these are the mirror images of (test-time augmentation): computed
+    # together, an image is decoded once for both (``transforms.FlipViews``).
+    mirror_of: str | None = None
+
+
+def seam_batches(sizes: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of indices into datasets of ``sizes`` one after the other, none across a seam
+    (datasets may give items of different shapes: one view of an image, or two)."""
+    batches, start = [], 0
+    for size in sizes:
+        batches += [list(range(i, min(i + batch_size, start + size))) for i in range(start, start + size, batch_size)]
+        start += size
+    return batches
 
 
 def compute_features(
@@ -116,24 +130,60 @@ def compute_features(
     desc: str,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run ``extract`` over the datasets, one after the other through one loader (its workers
-    start once, and keep decoding across the seams); returns each one's (len, width) features on
-    the CPU and the labels the pass saw (``LEFT_OUT`` for images that could not be read).
+    start once, and keep decoding across the seams); returns each one's (views, len, width)
+    features on the CPU, for items of one view (3, H, W) or several (views, 3, H, W), and the
+    labels the pass saw (``LEFT_OUT`` for images that could not be read).
 
     The features stay on the device until the pass ends, so copying them back never stalls it.
     """
+    sizes = [len(dataset) for dataset in datasets]
     loader = DataLoader(
-        ConcatDataset(datasets), batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+        ConcatDataset(datasets),
+        batch_sampler=seam_batches(sizes, batch_size),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
     )
     chunks, seen = [], []
     with torch.inference_mode(), tqdm(total=len(loader.dataset), desc=desc, unit="img") as bar:
         batches = iter(loader)
         warm_up(extract, device, batch_size, crop_size)
         for images, labels in batches:
-            chunks.append(extract(full_batch(images.to(device, non_blocking=True), batch_size))[: len(images)].float())
+            views = images.shape[1] if images.ndim == 5 else 1
+            flat = images.flatten(0, 1) if images.ndim == 5 else images
+            features = extract(full_batch(flat.to(device, non_blocking=True), batch_size * views))[: len(flat)]
+            chunks.append(features.float().unflatten(0, (len(images), views)).transpose(0, 1))
             seen.append(labels)
             bar.update(len(images))
-    sizes = [len(dataset) for dataset in datasets]
-    return list(zip(torch.cat(chunks).cpu().split(sizes), torch.cat(seen).split(sizes)))
+    features = [torch.cat(chunks[i:j], dim=1).cpu() for i, j in _spans(seam_counts(sizes, batch_size))]
+    return list(zip(features, torch.cat(seen).split(sizes)))
+
+
+def seam_counts(sizes: Sequence[int], batch_size: int) -> list[int]:
+    """How many batches of :func:`seam_batches` each dataset has."""
+    return [-(-size // batch_size) for size in sizes]
+
+
+def _spans(counts: Sequence[int]) -> list[tuple[int, int]]:
+    ends = list(itertools.accumulate(counts))
+    return list(zip([0, *ends[:-1]], ends))
+
+
+def _passes(missing: Sequence[CachedSplit], preprocessing: Preprocessing) -> list[tuple[Dataset, list[str]]]:
+    """The datasets of one backbone pass, each with the splits whose views it gives, in order:
+    a split and its mirror images' split (``mirror_of``) go through as one dataset whose items
+    are both views of an image, decoded once; a split of ``views`` augmented views goes through
+    that many times (each a new random view)."""
+    names = {split.name for split in missing}
+    passes: list[tuple[Dataset, list[str]]] = []
+    for split in missing:
+        if split.mirror_of in names:
+            continue  # it goes through with the split it mirrors
+        mirror = next((other.name for other in missing if other.mirror_of == split.name), None)
+        if mirror is None:
+            passes += [(split.dataset, [split.name])] * split.views
+        else:
+            passes.append((replace(split.dataset, transform=flip_views(preprocessing)), [split.name, mirror]))
+    return passes
 
 
 def _key(split: CachedSplit, backbone: str, preprocessing: Preprocessing, precision: str, engine: str) -> dict:
@@ -249,24 +299,26 @@ def cached_features(
         # No more workers than the splits asked for (those found on disk too) have batches.
         workers = loader_workers(extraction.num_workers, asked, extraction.batch_size)
         start = time.perf_counter()
-        computed = iter(
-            compute_features(
-                runner.extract,
-                device,
-                [split.dataset for split in missing for _ in range(split.views)],
-                extraction.batch_size,
-                workers,
-                preprocessing.crop_size,
-                f"Features of {names} images",
-            )
+        passes = _passes(missing, preprocessing)
+        computed = compute_features(
+            runner.extract,
+            device,
+            [dataset for dataset, _ in passes],
+            extraction.batch_size,
+            workers,
+            preprocessing.crop_size,
+            f"Features of {names} images",
         )
         seconds = time.perf_counter() - start
         images = sum(split.views * len(split.dataset) for split in missing)
+        views: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {split.name: [] for split in missing}
+        for (_, split_names), (features, seen) in zip(passes, computed):
+            for name, view in zip(split_names, features):
+                views[name].append((view, seen))
         for split in missing:
-            views = [next(computed) for _ in range(split.views)]
-            features = torch.stack([view for view, _ in views])
+            features = torch.stack([view for view, _ in views[split.name]])
             # An image that could not be read in any view is left out of all of them.
-            labels = torch.stack([seen for _, seen in views]).min(dim=0).values.long()
+            labels = torch.stack([seen for _, seen in views[split.name]]).min(dim=0).values.long()
             path, key = paths[split.name]
             with written_whole(path, "data.cache_dir") as scratch:
                 torch.save({"features": features, "labels": labels, "key": json.dumps(key)}, scratch)
@@ -331,5 +383,5 @@ class FeatureCache:
         splits = [CachedSplit(name, replace(images, transform=eval_transform(pre)), "eval")]
         if tta:
             flipped = replace(images, transform=flipped_eval_transform(pre))
-            splits.append(CachedSplit(f"{name}_flip", flipped, "eval-hflip"))
+            splits.append(CachedSplit(f"{name}_flip", flipped, "eval-hflip", mirror_of=name))
         return splits

@@ -58,10 +58,11 @@ class TransferClassifier(LightningModule):
             images of some classes; weighting lifts the mean per-class accuracy (``acc_macro``).
         label_smoothing: Label smoothing of the training loss (``torch.nn.functional.cross_entropy``).
         engine: What runs the backbone where it does not train (the feature cache's pass,
-            ``validate``, ``test`` and ``predict`` on images) on a CPU: ``auto`` ONNX Runtime
-            (else OpenVINO where only it is installed; PyTorch for a pass of a few hundred
-            images whose graph is not built yet), or ``torch``, ``onnxruntime``, ``openvino``.
-            Each engine's features are checked against PyTorch's before a pass; on a GPU the
+            ``validate``, ``test`` and ``predict`` on images) on a CPU: ``auto`` OpenVINO in
+            bfloat16 where it is installed and the CPU computes bfloat16 itself, else ONNX
+            Runtime (PyTorch for a pass of a few hundred images whose graph is not built yet);
+            or ``torch``, ``onnxruntime``, ``openvino`` (in the trainer's precision). Each
+            engine's features are checked against PyTorch's before a pass; on a GPU the
             backbone runs on PyTorch.
     """
 

@@ -7,12 +7,13 @@ the only place that turns it into pixels.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,15 +51,16 @@ def train_transform(pre: Preprocessing, crop_scale: tuple[float, float]) -> Call
     )
 
 
-def eval_transform(pre: Preprocessing) -> Callable:
-    """Deterministic transform: resize the shorter side, centre crop, normalize."""
+def eval_transform(pre: Preprocessing, normalize: bool = True) -> Callable:
+    """Deterministic transform: resize the shorter side, centre crop, normalize (or, with
+    ``normalize`` false, pixels in [0, 1] for a network that normalizes them itself)."""
     return v2.Compose(
         [
             v2.Resize(pre.resize_size, interpolation=pre.interpolation_mode),
             v2.CenterCrop(pre.crop_size),
             v2.PILToTensor(),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(pre.mean, pre.std),
+            *([v2.Normalize(pre.mean, pre.std)] if normalize else []),
         ]
     )
 
@@ -68,17 +70,25 @@ def flipped_eval_transform(pre: Preprocessing) -> Callable:
     return v2.Compose([v2.RandomHorizontalFlip(p=1.0), eval_transform(pre)])
 
 
-@dataclass
-class Views:
-    """Several transforms of one image, stacked (views, 3, H, W); the model averages its
-    probabilities over the views (test-time augmentation)."""
+@dataclass(frozen=True)
+class FlipViews:
+    """Test-time augmentation's two views of an image, stacked (2, 3, H, W): the evaluation
+    transform's and its mirror image's, from one resize. Resizing commutes with mirroring, so
+    the centre crop of the resized image mirrored holds the pixels ``flipped_eval_transform``
+    gives: an image costs one decoding and one resize for both views. The model averages its
+    probabilities over the views."""
 
-    transforms: Sequence[Callable]
+    pre: Preprocessing
+    normalize: bool = True
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return torch.stack([transform(image) for transform in self.transforms])
+        pre = self.pre
+        resized = F.pil_to_tensor(F.resize(image, pre.resize_size, interpolation=pre.interpolation_mode))
+        views = torch.stack([F.center_crop(view, pre.crop_size) for view in (resized, resized.flip(-1))])
+        views = F.to_dtype(views, torch.float32, scale=True)
+        return F.normalize(views, pre.mean, pre.std) if self.normalize else views
 
 
-def flip_views(pre: Preprocessing) -> Views:
-    """Test-time augmentation's two views: the image and its mirror image."""
-    return Views([eval_transform(pre), flipped_eval_transform(pre)])
+def flip_views(pre: Preprocessing, normalize: bool = True) -> FlipViews:
+    """Test-time augmentation's two views: the image and its mirror image (``FlipViews``)."""
+    return FlipViews(pre, normalize)

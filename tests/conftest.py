@@ -547,6 +547,7 @@ class Server:
 
     process: subprocess.Popen
     url: str
+    said: str = ""  # its output until it served
 
 
 @contextmanager
@@ -558,9 +559,10 @@ def serving(*options: str, cwd: Path) -> Iterator[Server]:
     command = [str(Path(sys.executable).with_name("caltech")), "serve", *options, "--port", "0"]
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        line = process.stdout.readline()
-        found = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
-        assert found, line + process.stdout.read()[-3000:]
+        said = []  # what it says before it serves (which engine runs the backbone, say)
+        while not (found := re.search(r"Serving .* at (http://127\.0\.0\.1:\d+/)", said[-1] if said else "")):
+            said.append(process.stdout.readline())
+            assert said[-1], "".join(said)[-3000:]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -568,7 +570,7 @@ def serving(*options: str, cwd: Path) -> Iterator[Server]:
                     break
             except OSError:
                 time.sleep(0.2)
-        yield Server(process, found[1])
+        yield Server(process, found[1], "".join(said))
     finally:
         process.send_signal(signal.SIGINT)
         try:

@@ -288,10 +288,11 @@ def test_ddp_on_cpu_end_to_end(tar_archive, tmp_path):
 
 def test_tta_flip_view_is_cached_and_eval_averages_the_views(image_folder, tmp_path, passes):
     """With ``tta_flip`` the test split's mirror images go through the backbone in the test's one
-    pass and are stored; the model's scores of a test image are the log of its probabilities
-    averaged over both views. Fit's own validation stays single-view."""
+    pass, each test image decoded once for both views, and are stored; the model's scores of a
+    test image are the log of its probabilities averaged over both views. Fit's own validation
+    stays single-view."""
     model, data, metrics = fit(image_folder, tmp_path, epochs=1, cache_features=True, tta_flip=True)
-    assert passes == [10 + 19, 9 + 9], "fit as without TTA; the test and its mirror view in one pass"
+    assert passes == [10 + 19, 9], "fit as without TTA; the test images decoded once for both views"
     cached = data.test_dataloader().dataset
     assert cached.features.shape[:2] == (2, 9) and cached.all_views
     first = data.test_set.files[0]

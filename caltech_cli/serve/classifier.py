@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import InterpolationMode
 
 from caltech_cli.errors import CaltechError
 from caltech_cli.images import load_rgb
@@ -40,21 +40,34 @@ class Classifier:
         return self.transform(load_rgb(io.BytesIO(data), self.preprocessing.resize_size))
 
 
-def from_checkpoint(path: Path, tta: bool) -> Classifier:
-    """A checkpoint's network, run as ``caltech predict`` runs it (its memory format included)."""
+def from_checkpoint(path: Path, tta: bool, engine: str = "torch", cache_dir: Path | None = None) -> Classifier:
+    """A checkpoint's network, run as ``caltech predict`` runs it (its memory format included), its
+    backbone on ``engine`` (``model.engine``) with the graphs kept in ``cache_dir``: ``auto`` runs
+    an engine only where its graph is kept there already, so that start-up costs no export."""
     from caltech_cli.checkpoints import read_checkpoint
+    from caltech_cli.engines import AUTO_MIN_IMAGES
     from caltech_cli.model import MODEL_OPTIONS, load_trained
 
     checkpoint = read_checkpoint(path, MODEL_OPTIONS)
     saved = checkpoint["hyper_parameters"]
     model, preprocessing = load_trained(path, saved.get("channels_last", True), checkpoint)
+    model.backbone.requires_grad_(False)  # it only answers: an engine may run it
+    model.engine = engine
+    # auto's rule for a pass of a few images: an engine where its graph is kept, else PyTorch.
+    runner = model.backbone_runner(1 if engine == "auto" else AUTO_MIN_IMAGES, cache_dir)
 
     @torch.inference_mode()
     def probabilities(images: torch.Tensor) -> torch.Tensor:
         return model(images).softmax(dim=1)
 
     transform = flip_views(preprocessing) if tta else eval_transform(preprocessing)
-    info = {"backbone": saved["backbone"], "weights": saved.get("weights"), "source": str(path), "format": "checkpoint"}
+    info = {
+        "backbone": saved["backbone"],
+        "weights": saved.get("weights"),
+        "source": str(path),
+        "format": "checkpoint",
+        "engine": runner.name,
+    }
     return Classifier(list(model.class_names), preprocessing, tta, probabilities, transform, info)
 
 
@@ -83,23 +96,20 @@ def from_onnx(path: Path, tta: bool) -> Classifier:
     problem = metadata_problem(names, preprocessing, session)
     if problem is not None:
         raise CaltechError(f"{path}: its metadata {problem}: it was altered, or not written by `caltech export`. {fix}")
-    resize = v2.Compose(
-        [
-            v2.Resize(preprocessing.resize_size, interpolation=preprocessing.interpolation_mode),
-            v2.CenterCrop(preprocessing.crop_size),
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
-    mirror = v2.RandomHorizontalFlip(p=1.0)  # before the crop, as flipped_eval_transform does
-    transform = (lambda image: torch.stack([resize(image), resize(mirror(image))])) if tta else resize
+    # Pixels in [0, 1]: the exported network normalizes them itself.
+    transform = flip_views(preprocessing, normalize=False) if tta else eval_transform(preprocessing, normalize=False)
 
     def probabilities(images: torch.Tensor) -> torch.Tensor:
         flat = images.flatten(0, 1) if images.ndim == 5 else images
         out = torch.from_numpy(session.run(["probabilities"], {"images": flat.numpy()})[0])
         return out.unflatten(0, images.shape[:2]).mean(dim=1) if images.ndim == 5 else out
 
-    info = {"backbone": json.loads(meta.get("backbone", "null")), "source": str(path), "format": "onnx"}
+    info = {
+        "backbone": json.loads(meta.get("backbone", "null")),
+        "source": str(path),
+        "format": "onnx",
+        "engine": f"onnxruntime {onnxruntime.__version__} fp32",
+    }
     return Classifier(names, preprocessing, tta, probabilities, transform, info)
 
 

@@ -52,6 +52,21 @@ def parser() -> argparse.ArgumentParser:
         default="false",
         help="average each image with its mirror image, as predict does with --data.tta_flip true (default: false)",
     )
+    options.add_argument(
+        "--engine",
+        choices=("auto", "torch", "onnxruntime", "openvino"),
+        default="auto",
+        help="what runs a checkpoint's backbone on a CPU, as --model.engine does for predict; auto: the fastest "
+        "engine where its graph is kept in --cache_dir (a fit there kept it), else PyTorch at once; a named "
+        "engine exports its graph at start-up when it is not kept (seconds) (default: auto)",
+    )
+    options.add_argument(
+        "--cache_dir",
+        type=Path,
+        default=Path("data/feature-cache"),
+        help="where the engines' graphs are kept: fit's and predict's data.cache_dir (default: data/feature-cache, "
+        "theirs when run from the same folder)",
+    )
     options.add_argument("--top_k", type=_positive(int), default=5, help="classes answered per image (default: 5)")
     options.add_argument(
         "--max_request_mb", type=_positive(float), default=20.0, help="the largest request, in MiB (default: 20)"
@@ -131,7 +146,10 @@ def main(args: list[str]) -> None:
     from caltech_cli.serve.classifier import from_checkpoint, from_onnx
 
     tta = options.tta_flip == "true"
-    classifier = from_checkpoint(options.ckpt_path, tta) if options.ckpt_path else from_onnx(options.onnx, tta)
+    if options.ckpt_path:
+        classifier = from_checkpoint(options.ckpt_path, tta, options.engine, options.cache_dir)
+    else:
+        classifier = from_onnx(options.onnx, tta)
     batcher = Batcher(classifier.probabilities, options.max_batch, options.batch_wait_ms / 1000)
     limits = Limits(int(options.max_request_mb * 2**20), options.max_files, body_seconds=options.body_timeout_s)
     app = create_app(classifier, batcher, limits, options.top_k, LOOPBACK if options.host in LOOPBACK else None)

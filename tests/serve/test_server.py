@@ -13,6 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from caltech_cli import engines
+
 from conftest import CLASSES, FIXTURE, caltech, csv_rows, old_checkpoint, photos, serving, upload
 
 
@@ -40,6 +42,38 @@ def test_answers_are_what_predict_writes_for_the_same_files(tmp_path, capsys, tt
         assert [guess["class"] for guess in answer["top"]] == [row[c] for c, _ in columns]
         for guess, (_, p) in zip(answer["top"], columns):
             assert guess["probability"] == pytest.approx(float(row[p]), abs=2e-6)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not engines.installed("onnxruntime"), reason="ONNX Runtime is not installed")
+def test_a_checkpoint_served_on_an_engine_answers_what_predict_writes(tmp_path, capsys):
+    """--engine onnxruntime exports the backbone's graph into --cache_dir as it starts and answers
+    predict's numbers (float32: within 1e-4); a later server on auto runs that kept graph, exporting
+    nothing; without a kept graph auto starts on PyTorch at once."""
+    images = photos(tmp_path / "photos")
+    predict = ["--data.predict_dir", str(tmp_path / "photos"), "--model.engine", "torch", "--data.tta_flip", "false"]
+    status, stderr = caltech(*old_checkpoint(tmp_path, "predict", *predict), capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    written = {row["path"]: row for row in csv_rows(tmp_path / "runs" / "predictions.csv")}
+    cache = tmp_path / "cache"
+    with serving("--ckpt_path", str(FIXTURE / "best.ckpt"), "--cache_dir", str(cache), cwd=tmp_path) as server:
+        assert httpx.get(server.url + "info").json()["engine"] == "torch", "auto exports nothing at start-up"
+    assert not cache.exists()
+    run = ["--ckpt_path", str(FIXTURE / "best.ckpt"), "--cache_dir", str(cache)]
+    with serving(*run, "--engine", "onnxruntime", cwd=tmp_path) as server:
+        assert httpx.get(server.url + "info").json()["engine"].startswith("onnxruntime"), server.said
+        answers = httpx.post(server.url + "predict", files=upload(images), timeout=60).json()["predictions"]
+    for answer in answers:
+        row = written[answer["file"]]
+        assert answer["top"][0]["class"] == row["class"]
+        assert answer["top"][0]["probability"] == pytest.approx(float(row["probability"]), abs=1e-4)
+    graphs = list((cache / "engines").glob("*.onnx"))
+    assert len(graphs) == 1
+    built = graphs[0].stat().st_mtime_ns
+    with serving(*run, cwd=tmp_path) as server:
+        assert httpx.get(server.url + "info").json()["engine"] != "torch", server.said
+        assert len(httpx.post(server.url + "predict", files=upload(images[:2]), timeout=60).json()["predictions"]) == 2
+    assert graphs[0].stat().st_mtime_ns == built and "exporting" not in server.said
 
 
 def png_of(width: int, height: int, mode: str = "RGB") -> bytes:
