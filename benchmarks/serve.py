@@ -183,11 +183,14 @@ def main() -> None:
     for label, command, url in servers:
         process, url, startup = start(command, url)
         try:
+            engine = httpx.get(url + "info", timeout=10).json().get("engine")
             load(url, files[: args.clients], args.clients, 2)  # warm: every client's first request
             latencies, wall, errors = load(url, files, args.clients, args.requests)
         finally:
             stop(process)
         report(label, startup, latencies, wall, errors, predict)
+        if engine:  # what ran the backbone, as the server says (an engine that failed falls back to torch)
+            print(f"{'':<30} backbone on {engine}")
     shutil.rmtree(work)
 
 

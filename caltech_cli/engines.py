@@ -130,10 +130,14 @@ def _session(engine: str, path: Path, bf16: bool) -> Callable[[torch.Tensor], to
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda images: torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
     import openvino
+    from openvino.frontend import FrontEndManager
 
     precision = "bf16" if bf16 else "f32"
+    # Read as ONNX, the only format caltech writes there: a damaged file is one error, where
+    # OpenVINO's other readers would each try it and log their own.
+    frontend = FrontEndManager().load_by_framework("onnx")
     compiled = openvino.Core().compile_model(
-        str(path),
+        frontend.convert(frontend.load(str(path))),
         "CPU",
         {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision},
     )
@@ -186,8 +190,25 @@ class Choice:
     bf16: bool = False
 
 
+@dataclass(frozen=True)
+class Options:
+    """The options that messages name: ``predict``'s and ``fit``'s, or ``serve``'s own."""
+
+    engine: str = "model.engine"
+    folder: str = "data.cache_dir"
+
+
+CLI_OPTIONS = Options()
+
+
 def chosen(
-    engine: str, device: torch.device, images: int, graph: Path | None, bf16: bool = False, quiet: bool = False
+    engine: str,
+    device: torch.device,
+    images: int,
+    graph: Path | None,
+    bf16: bool = False,
+    quiet: bool = False,
+    options: Options = CLI_OPTIONS,
 ) -> Choice:
     """What a pass runs on: ``auto`` is the fastest installed engine on a CPU (``AUTO_ORDER``;
     PyTorch for a short pass whose graph is not built yet); a GPU, or an engine not installed,
@@ -196,7 +217,7 @@ def chosen(
         return Choice("torch", bf16)
     if device.type != "cpu":
         if engine != "auto" and not quiet:
-            log.warning("model.engine %s runs on a CPU only; the backbone runs on PyTorch on %s", engine, device)
+            log.warning("%s %s runs on a CPU only; the backbone runs on PyTorch on %s", options.engine, engine, device)
         return Choice("torch", bf16)
     if engine == "auto":
         if images < AUTO_MIN_IMAGES and (graph is None or not graph.is_file()):
@@ -208,10 +229,11 @@ def chosen(
     if not installed(engine):
         if not quiet:
             log.warning(
-                "model.engine %s is not installed, so the backbone runs on PyTorch. Fix: pip install %s, or pass "
-                "--model.engine auto",
+                "%s %s is not installed, so the backbone runs on PyTorch. Fix: pip install %s, or pass --%s auto",
+                options.engine,
                 engine,
                 engine,
+                options.engine.lstrip("-"),
             )
         return Choice("torch", bf16)
     return Choice(engine, bf16)
@@ -235,6 +257,7 @@ def backbone_runner(
     images: int,
     folder: Path | None,
     bf16: bool = False,
+    options: Options = CLI_OPTIONS,
 ) -> Runner:
     """The runner of a pass of ``images`` images through a backbone that does not train:
     ``torch_extract`` (PyTorch, as the trainer runs the model), or the graph of ``engine`` for
@@ -242,14 +265,14 @@ def backbone_runner(
     damaged and checked against PyTorch before it runs."""
     device = next(backbone.parameters()).device
     graph = graph_path(folder, fingerprint, crop_size) if folder is not None else None
-    choice = chosen(engine, device, images, graph, bf16)
+    choice = chosen(engine, device, images, graph, bf16, options=options)
     if choice.engine == "torch":
         return Runner(torch_extract, "torch")
     described = label(choice.engine, choice.bf16)
     with tempfile.TemporaryDirectory(prefix="caltech-engine-") as scratch:
         graph = graph or graph_path(Path(scratch), fingerprint, crop_size)
         try:
-            run = _checked_session(choice.engine, backbone, crop_size, graph, choice.bf16)
+            run = _checked_session(choice.engine, backbone, crop_size, graph, choice.bf16, options.folder)
         except Exception as error:  # the exporter or the engine failed: PyTorch runs the pass as before
             log.warning("The backbone cannot run on %s (%s); it runs on PyTorch", described, reason(error))
             return Runner(torch_extract, "torch")
@@ -258,31 +281,42 @@ def backbone_runner(
 
 
 def _checked_session(
-    engine: str, backbone: nn.Module, crop_size: int, graph: Path, bf16: bool
+    engine: str, backbone: nn.Module, crop_size: int, graph: Path, bf16: bool, option: str
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The engine's session of ``graph``, exported first when missing, and again when the kept
-    file is damaged or gives other features than PyTorch."""
-    tolerance = BF16_TOLERANCE if bf16 else FP32_TOLERANCE  # against a bfloat16 PyTorch too
+    file is damaged or gives other features than PyTorch (``option`` names its folder's option)."""
     for path in (graph.parent, graph):
         if path.is_symlink():  # what is read or written through it would be wherever it points
             raise ValueError(f"{path} is a symbolic link; remove it, caltech makes it anew")
     graph.parent.mkdir(parents=True, exist_ok=True)
-    with folder_lock(graph.parent / ".lock", "data.cache_dir"):
+    with folder_lock(graph.parent / ".lock", option):
         if graph.is_file():
             try:
-                run = _session(engine, graph, bf16)
-                gap = _probe_gap(run, backbone, crop_size)
-                if gap <= tolerance:
-                    return run
-                why = f"its features are {gap:.2g} of the largest from PyTorch's"
+                return _verified(engine, backbone, crop_size, graph, bf16)
             except Exception as error:
                 why = reason(error)
             log.warning("The engine graph %s cannot be used (%s); exporting it again", graph, why)
         network = copy.deepcopy(backbone).cpu().float().eval().to(memory_format=torch.contiguous_format)
-        with written_whole(graph, "data.cache_dir") as scratch:
+        with written_whole(graph, option) as scratch:
             save_onnx(network, torch.zeros(2, 3, crop_size, crop_size), scratch, "features")
-        run = _session(engine, graph, bf16)
-        gap = _probe_gap(run, backbone, crop_size)
-        if gap > tolerance:
-            raise ValueError(f"its features are {gap:.2g} of the largest from PyTorch's")
-        return run
+        return _verified(engine, backbone, crop_size, graph, bf16)
+
+
+def _verified(
+    engine: str, backbone: nn.Module, crop_size: int, graph: Path, bf16: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The engine's session of ``graph`` once the graph gives PyTorch's features in float32 (a
+    graph changed by a few percent would pass bfloat16's looser check), and, for bfloat16, once
+    its bfloat16 session stays near them too."""
+    dtype = next(backbone.parameters()).dtype
+    exact = _session(engine, graph, False)
+    gap = _probe_gap(exact, backbone, crop_size)
+    if gap > (FP32_TOLERANCE if dtype == torch.float32 else BF16_TOLERANCE):  # against a bfloat16 PyTorch too
+        raise ValueError(f"its features are {gap:.2g} of the largest from PyTorch's")
+    if not bf16:
+        return exact
+    run = _session(engine, graph, True)
+    gap = _probe_gap(run, backbone, crop_size)
+    if gap > BF16_TOLERANCE:
+        raise ValueError(f"its bfloat16 features are {gap:.2g} of the largest from PyTorch's")
+    return run

@@ -128,11 +128,13 @@ def compute_features(
     num_workers: int,
     crop_size: int,
     desc: str,
+    views: Sequence[int] = (),
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run ``extract`` over the datasets, one after the other through one loader (its workers
     start once, and keep decoding across the seams); returns each one's (views, len, width)
-    features on the CPU, for items of one view (3, H, W) or several (views, 3, H, W), and the
-    labels the pass saw (``LEFT_OUT`` for images that could not be read).
+    features on the CPU, for items of one view (3, H, W) or several (views, 3, H, W): ``views``
+    says how many each dataset gives (one where not said), for the warm-up of each batch shape
+    on a GPU; and the labels the pass saw (``LEFT_OUT`` for images that could not be read).
 
     The features stay on the device until the pass ends, so copying them back never stalls it.
     """
@@ -146,16 +148,23 @@ def compute_features(
     chunks, seen = [], []
     with torch.inference_mode(), tqdm(total=len(loader.dataset), desc=desc, unit="img") as bar:
         batches = iter(loader)
-        warm_up(extract, device, batch_size, crop_size)
+        for count in sorted(set(views) or {1}):
+            warm_up(extract, device, batch_size * count, crop_size)
         for images, labels in batches:
-            views = images.shape[1] if images.ndim == 5 else 1
+            each = images.shape[1] if images.ndim == 5 else 1  # views of each image
             flat = images.flatten(0, 1) if images.ndim == 5 else images
-            features = extract(full_batch(flat.to(device, non_blocking=True), batch_size * views))[: len(flat)]
-            chunks.append(features.float().unflatten(0, (len(images), views)).transpose(0, 1))
+            features = extract(full_batch(flat.to(device, non_blocking=True), batch_size * each))[: len(flat)]
+            chunks.append(features.float().unflatten(0, (len(images), each)).transpose(0, 1))
             seen.append(labels)
             bar.update(len(images))
-    features = [torch.cat(chunks[i:j], dim=1).cpu() for i, j in _spans(seam_counts(sizes, batch_size))]
-    return list(zip(features, torch.cat(seen).split(sizes)))
+    width = chunks[0].shape[-1] if chunks else 0
+    counts = list(views) or [1] * len(datasets)
+    features = [
+        torch.cat(chunks[i:j], dim=1).cpu() if j > i else torch.zeros(count, 0, width)  # an empty dataset
+        for (i, j), count in zip(_spans(seam_counts(sizes, batch_size)), counts)
+    ]
+    labels = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.long)
+    return list(zip(features, labels.split(sizes)))
 
 
 def seam_counts(sizes: Sequence[int], batch_size: int) -> list[int]:
@@ -308,6 +317,7 @@ def cached_features(
             workers,
             preprocessing.crop_size,
             f"Features of {names} images",
+            [len(split_names) for _, split_names in passes],
         )
         seconds = time.perf_counter() - start
         images = sum(split.views * len(split.dataset) for split in missing)

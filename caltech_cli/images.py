@@ -233,7 +233,7 @@ class UnlabelledImages(Dataset):
     transform: Callable
     crop_size: int
     min_size: int | None = None
-    views: int = 1  # the transform's views of each image (``Views``)
+    views: int = 1  # the transform's views of each image (``transforms.FlipViews``: 2)
 
     def __len__(self) -> int:
         return len(self.files)

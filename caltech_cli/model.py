@@ -18,7 +18,7 @@ from torchmetrics import MetricCollection
 from caltech_cli.backbones import preprocessing_for, resolve_backbone
 from caltech_cli.checkpoints import check_state_fits, read_checkpoint
 from caltech_cli.devices import CPU_BATCH, full_batch, warm_up
-from caltech_cli.engines import Engine, Runner, backbone_runner, planned, weights_fingerprint
+from caltech_cli.engines import CLI_OPTIONS, Engine, Options, Runner, backbone_runner, planned, weights_fingerprint
 from caltech_cli.errors import CaltechError
 from caltech_cli.features import CachedFeatures
 from caltech_cli.metrics import LEFT_OUT, inverse_frequency, stage_metrics
@@ -182,10 +182,13 @@ class TransferClassifier(LightningModule):
         crop = self.preprocessing.crop_size
         return planned(self.engine, self.device, images, folder, fingerprint, crop, self._bf16())
 
-    def backbone_runner(self, images: int, folder: Path | None, fingerprint: str | None = None) -> Runner:
+    def backbone_runner(
+        self, images: int, folder: Path | None, fingerprint: str | None = None, options: Options = CLI_OPTIONS
+    ) -> Runner:
         """What runs a pass of ``images`` images through the backbone, which must not train: the
-        engine of ``model.engine``, its graph kept in ``folder`` (``engines.backbone_runner``).
-        ``fingerprint``: the backbone's ``weights_fingerprint``, where the caller has it already."""
+        engine of ``model.engine``, its graph kept in ``folder`` (``engines.backbone_runner``;
+        ``options`` names the options its messages speak of). ``fingerprint``: the backbone's
+        ``weights_fingerprint``, where the caller has it already."""
         fingerprint = fingerprint or weights_fingerprint(self.backbone)
         key = (fingerprint, str(self.device), self._bf16())
         if self._inference is not None and self._inference[0] == key:
@@ -200,6 +203,7 @@ class TransferClassifier(LightningModule):
             images,
             folder,
             self._bf16(),
+            options,
         )
         self._inference = (key, runner)
         return runner

@@ -70,21 +70,34 @@ def flipped_eval_transform(pre: Preprocessing) -> Callable:
     return v2.Compose([v2.RandomHorizontalFlip(p=1.0), eval_transform(pre)])
 
 
+# The interpolations whose resize commutes with mirroring, to the last bit (their filters are
+# symmetric; nearest and box round positions towards one side). tests/test_transforms.py checks it.
+MIRROR_SYMMETRIC = ("bilinear", "bicubic", "hamming", "lanczos")
+
+
 @dataclass(frozen=True)
 class FlipViews:
     """Test-time augmentation's two views of an image, stacked (2, 3, H, W): the evaluation
-    transform's and its mirror image's, from one resize. Resizing commutes with mirroring, so
-    the centre crop of the resized image mirrored holds the pixels ``flipped_eval_transform``
-    gives: an image costs one decoding and one resize for both views. The model averages its
-    probabilities over the views."""
+    transform's and its mirror image's, from one decoding. With an interpolation whose resize
+    commutes with mirroring (``MIRROR_SYMMETRIC``) from one resize too: the centre crop of the
+    resized image mirrored holds the pixels ``flipped_eval_transform`` gives. The model averages
+    its probabilities over the views."""
 
     pre: Preprocessing
     normalize: bool = True
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         pre = self.pre
-        resized = F.pil_to_tensor(F.resize(image, pre.resize_size, interpolation=pre.interpolation_mode))
-        views = torch.stack([F.center_crop(view, pre.crop_size) for view in (resized, resized.flip(-1))])
+
+        def resized(image: Image.Image) -> torch.Tensor:
+            return F.pil_to_tensor(F.resize(image, pre.resize_size, interpolation=pre.interpolation_mode))
+
+        plain = resized(image)
+        if pre.interpolation in MIRROR_SYMMETRIC:
+            mirror = plain.flip(-1)
+        else:
+            mirror = resized(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+        views = torch.stack([F.center_crop(view, pre.crop_size) for view in (plain, mirror)])
         views = F.to_dtype(views, torch.float32, scale=True)
         return F.normalize(views, pre.mean, pre.std) if self.normalize else views
 

@@ -115,6 +115,45 @@ def test_a_damaged_or_altered_graph_is_exported_again(damage, exported, tmp_path
     assert gap(runner.extract(batch), on_torch(network)(batch)) < 1e-4
 
 
+def scaled(graph: Path, factor: float) -> None:
+    """The graph at ``graph``, its output multiplied by ``factor``: an altered graph."""
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(graph))
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{name}_raw" if name == out else name for name in node.output]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(factor, dtype=np.float32), "factor"))
+    model.graph.node.append(onnx.helper.make_node("Mul", [f"{out}_raw", "factor"], [out]))
+    onnx.save(model, str(graph))
+
+
+@pytest.mark.hostile
+@pytest.mark.skipif("openvino" not in INSTALLED, reason="OpenVINO is not installed")
+def test_a_graph_altered_within_bfloat16s_tolerance_is_exported_again(exported, tmp_path, caplog):
+    """A bfloat16 engine's features are a few percent off PyTorch's, so the graph itself is checked
+    in float32: one whose features were scaled by 8% is exported again, not run in bfloat16."""
+    network = backbone()
+    graph = graph_path(kept(exported, tmp_path), weights_fingerprint(network), CROP)
+    scaled(graph, 1.08)
+    with caplog.at_level(logging.WARNING, logger="caltech_cli"):
+        runner = runner_of(network, "openvino", tmp_path, bf16=True)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "exporting it again" in said[0], caplog.text
+    assert runner.name.endswith("bf16")
+    batch = images()
+    assert gap(runner.extract(batch), on_torch(network)(batch)) < 0.06
+
+
+def test_serve_names_its_own_options_in_the_engines_messages(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(engines, "installed", lambda name: False)
+    with caplog.at_level(logging.WARNING, logger="caltech_cli"):
+        chosen("openvino", torch.device("cpu"), 10, None, options=engines.Options("--engine", "cache_dir"))
+    said = caplog.records[0].getMessage()
+    assert said.startswith("--engine openvino is not installed") and said.endswith("pass --engine auto"), said
+
+
 def test_an_engine_that_is_not_installed_leaves_the_pass_to_pytorch_in_one_line(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(engines, "installed", lambda name: False)
     with caplog.at_level(logging.WARNING, logger="caltech_cli"):

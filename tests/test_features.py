@@ -12,6 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from PIL import ImageOps
+from torch.utils.data import TensorDataset
 
 from caltech_cli import features
 from caltech_cli.backbones import preprocessing_for
@@ -377,3 +378,22 @@ def test_a_disk_that_fills_during_the_cache_write_is_one_line(image_folder, tmp_
     line = one_error(*caltech("fit", *options(tmp_path, image_folder), capsys=capsys))
     assert "cannot write" in line and "feature-cache" in line and "the disk is full" in line
     assert not [p.name for p in (tmp_path / "data" / "feature-cache").iterdir() if p.name != ".lock"]
+
+
+def test_a_pass_over_datasets_of_one_and_of_two_views_never_batches_across_their_seam():
+    """Items of one view (3, H, W) and of two (2, 3, H, W) go through one loader: batches end at
+    each seam, each dataset gets its (views, len, width) features, an empty one too."""
+    one = TensorDataset(torch.arange(5.0)[:, None, None, None].expand(5, 3, 2, 2), torch.arange(5))
+    two = TensorDataset(torch.arange(3.0)[:, None, None, None, None].expand(3, 2, 3, 2, 2), torch.arange(3))
+    empty = TensorDataset(torch.zeros(0, 3, 2, 2), torch.zeros(0, dtype=torch.long))
+    assert features.seam_batches([5, 3], 4) == [[0, 1, 2, 3], [4], [5, 6, 7]]
+
+    def extract(images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1)[:, :1] * 10  # one feature: the image's value times 10
+
+    out = features.compute_features(extract, torch.device("cpu"), [one, empty, two], 4, 0, 2, "test", [1, 1, 2])
+    (got_one, labels_one), (got_empty, _), (got_two, labels_two) = out
+    assert got_one.shape == (1, 5, 1) and torch.equal(got_one[0, :, 0], torch.arange(5.0) * 10)
+    assert got_empty.shape == (1, 0, 1)
+    assert got_two.shape == (2, 3, 1) and torch.equal(got_two[1, :, 0], torch.arange(3.0) * 10)
+    assert labels_one.tolist() == [0, 1, 2, 3, 4] and labels_two.tolist() == [0, 1, 2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 from caltech_cli.transforms import Preprocessing, eval_transform, flip_views, flipped_eval_transform, train_transform
 
@@ -18,7 +19,7 @@ def test_normalization_comes_from_preprocessing():
 
 @pytest.mark.parametrize("size", [(300, 200), (301, 200), (200, 333), (97, 131)])
 @pytest.mark.parametrize("resize", [72, 60])  # 60: the resized image is padded to the crop of 64
-@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("interpolation", [mode.value for mode in InterpolationMode])
 def test_both_flip_views_from_one_resize_are_the_two_transforms_to_the_last_bit(size, resize, interpolation):
     """The mirror view made from the resized image holds the pixels of the mirror image resized
     and cropped, for crops of odd and even margins and for a crop larger than the resized image."""

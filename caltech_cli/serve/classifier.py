@@ -43,9 +43,10 @@ class Classifier:
 def from_checkpoint(path: Path, tta: bool, engine: str = "torch", cache_dir: Path | None = None) -> Classifier:
     """A checkpoint's network, run as ``caltech predict`` runs it (its memory format included), its
     backbone on ``engine`` (``model.engine``) with the graphs kept in ``cache_dir``: ``auto`` runs
-    an engine only where its graph is kept there already, so that start-up costs no export."""
+    an engine only where its graph is kept there already, so that start-up costs no export (but
+    for a kept graph found damaged, exported again as everywhere)."""
     from caltech_cli.checkpoints import read_checkpoint
-    from caltech_cli.engines import AUTO_MIN_IMAGES
+    from caltech_cli.engines import AUTO_MIN_IMAGES, Options
     from caltech_cli.model import MODEL_OPTIONS, load_trained
 
     checkpoint = read_checkpoint(path, MODEL_OPTIONS)
@@ -54,7 +55,8 @@ def from_checkpoint(path: Path, tta: bool, engine: str = "torch", cache_dir: Pat
     model.backbone.requires_grad_(False)  # it only answers: an engine may run it
     model.engine = engine
     # auto's rule for a pass of a few images: an engine where its graph is kept, else PyTorch.
-    runner = model.backbone_runner(1 if engine == "auto" else AUTO_MIN_IMAGES, cache_dir)
+    images = 1 if engine == "auto" else AUTO_MIN_IMAGES
+    runner = model.backbone_runner(images, cache_dir, options=Options("--engine", "cache_dir"))
 
     @torch.inference_mode()
     def probabilities(images: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 
 from caltech_cli.errors import CaltechError
+from caltech_cli.files import writable_folder
 from caltech_cli.text import shown
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument(
         "--engine",
         choices=("auto", "torch", "onnxruntime", "openvino"),
-        default="auto",
         help="what runs a checkpoint's backbone on a CPU, as --model.engine does for predict; auto: the fastest "
         "engine where its graph is kept in --cache_dir (a fit there kept it), else PyTorch at once; a named "
         "engine exports its graph at start-up when it is not kept (seconds) (default: auto)",
@@ -63,8 +63,7 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument(
         "--cache_dir",
         type=Path,
-        default=Path("data/feature-cache"),
-        help="where the engines' graphs are kept: fit's and predict's data.cache_dir (default: data/feature-cache, "
+        help=f"where the engines' graphs are kept: fit's and predict's data.cache_dir (default: {CACHE_DIR}, "
         "theirs when run from the same folder)",
     )
     options.add_argument("--top_k", type=_positive(int), default=5, help="classes answered per image (default: 5)")
@@ -114,12 +113,28 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Where the engines' graphs are kept unless --cache_dir says: fit's and predict's data.cache_dir
+# when they run from the same folder.
+CACHE_DIR = Path("data/feature-cache")
 # Names of this machine's loopback: a server bound there answers requests for these hosts only.
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _check(options: argparse.Namespace) -> None:
-    """Refuse option values that cannot work, in one line."""
+    """Refuse option values that cannot work, in one line; fill in the engine's defaults."""
+    if options.onnx is not None:
+        for given in ("engine", "cache_dir"):
+            if getattr(options, given) is not None:
+                raise CaltechError(
+                    f"--{given} is for a checkpoint's backbone; an ONNX file runs on ONNX Runtime. Fix: drop "
+                    f"--{given}, or serve the checkpoint with --ckpt_path."
+                )
+    options.engine = options.engine or "auto"
+    options.cache_dir = options.cache_dir or CACHE_DIR
+    # A named engine may export its graph there; auto only reads one that is there already.
+    kept = options.cache_dir.exists() or options.cache_dir.is_symlink()
+    if options.ckpt_path is not None and options.engine != "torch" and (options.engine != "auto" or kept):
+        writable_folder(options.cache_dir, "cache_dir")
     for option, value, low, high in (
         ("port", options.port, 0, 65535),
         ("max_request_mb", options.max_request_mb, 0.01, 2048),

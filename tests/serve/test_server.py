@@ -249,12 +249,24 @@ def test_serve_refuses_what_cannot_work_in_one_line(tmp_path, capsys):
         "not-a-checkpoint": ["--ckpt_path", str(tmp_path / "notes.onnx")],
         "port": ["--ckpt_path", str(FIXTURE / "best.ckpt"), "--port", "70000"],
         "wait": ["--ckpt_path", str(FIXTURE / "best.ckpt"), "--batch_wait_ms", "nan"],
-    }
+        "cache-a-file": ["--ckpt_path", str(FIXTURE / "best.ckpt"), "--engine", "onnxruntime", "--cache_dir",
+                         str(tmp_path / "notes.onnx")],
+        "cache-a-file-auto": ["--ckpt_path", str(FIXTURE / "best.ckpt"), "--cache_dir", str(tmp_path / "notes.onnx")],
+        "cache-in-proc": ["--ckpt_path", str(FIXTURE / "best.ckpt"), "--engine", "openvino", "--cache_dir",
+                          "/proc/self/caltech"],
+        "engine-of-onnx": ["--onnx", str(tmp_path / "notes.onnx"), "--engine", "openvino"],
+        "cache-of-onnx": ["--onnx", str(tmp_path / "notes.onnx"), "--cache_dir", str(tmp_path)],
+    }  # fmt: skip
     says = {
         "not-onnx": "is not an ONNX file that `caltech export` wrote",
         "not-a-checkpoint": "cannot read checkpoint",
         "port": "--port 70000 cannot work",
         "wait": "--batch_wait_ms nan cannot work",
+        "cache-a-file": "cannot be made a folder (a file is in its way). Fix: pass --cache_dir",
+        "cache-a-file-auto": "cannot be made a folder (a file is in its way). Fix: pass --cache_dir",
+        "cache-in-proc": "is in /proc, the kernel's",
+        "engine-of-onnx": "--engine is for a checkpoint's backbone; an ONNX file runs on ONNX Runtime",
+        "cache-of-onnx": "--cache_dir is for a checkpoint's backbone",
     }
     for case, options in line_of.items():
         status, stderr = caltech("serve", "--port", "0", *options, capsys=capsys)
