@@ -100,6 +100,11 @@ class TransferClassifier(LightningModule):
         self.loss_weights: torch.Tensor | None = None
         # Whether unfrozen BatchNorm layers use batch statistics; the fine-tuning callback sets it.
         self.train_bn = True
+        # Whether the backbone joins the training later in this fit; the fine-tuning callback sets
+        # it. No engine runs such a backbone, even while it is frozen: a fine-tune whose frozen
+        # epochs ran on OpenVINO in bfloat16 ended in a segmentation fault once the backbone had
+        # trained beside loader workers (4 runs of 4; PyTorch, ONNX Runtime and no workers: none).
+        self.joins_training = False
         # The training epoch's loss summed over its images so far, and their count (``training_step``).
         self._train_loss_sum: torch.Tensor | None = None
         self._train_images = 0
@@ -215,8 +220,8 @@ class TransferClassifier(LightningModule):
 
     def _engine_for(self, loaders: Any) -> None:
         """Run the backbone on its engine for the images these loaders give, where it does not
-        train (cached features need no backbone)."""
-        if self.backbone_trains:
+        train, nor will in this fit (cached features need no backbone)."""
+        if self.backbone_trains or self.joins_training:
             self._inference = None
             return
         datasets = [

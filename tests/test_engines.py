@@ -267,7 +267,8 @@ def test_a_fit_says_once_that_its_engine_is_missing_and_a_backbone_that_trains_g
     image_folder, tmp_path, monkeypatch, capsys
 ):
     """Without the cache every epoch's training and validation see images: the missing engine is
-    said once. A backbone that fine-tuning unfreezes at once never gets a graph exported."""
+    said once. A backbone that fine-tuning unfreezes later in the fit never runs on an engine,
+    not even in its frozen epochs, and gets no graph exported."""
     monkeypatch.setattr(engines, "installed", lambda name: False)
     run = options(tmp_path / "frozen", image_folder, "--data.cache_features", "false", "--trainer.max_epochs", "2")
     status, stderr = caltech("fit", *run, "--model.engine", "openvino", capsys=capsys)
@@ -275,7 +276,7 @@ def test_a_fit_says_once_that_its_engine_is_missing_and_a_backbone_that_trains_g
     assert stderr.count("model.engine openvino is not installed") == 1, stderr[-3000:]
     monkeypatch.undo()
     run = [*small_run(tmp_path / "tuned", str(image_folder), config=FINETUNE), "--trainer.logger", "false"]
-    run += ["--trainer.max_epochs", "1", "--trainer.callbacks.unfreeze_at_epoch", "0"]
+    run += ["--trainer.max_epochs", "2", "--trainer.callbacks.unfreeze_at_epoch", "1"]
     status, stderr = caltech("fit", *run, "--model.engine", "onnxruntime", capsys=capsys)
     assert status == 0, stderr[-3000:]
     assert "runs on onnxruntime" not in stderr and not list((tmp_path / "tuned").rglob("*.onnx"))

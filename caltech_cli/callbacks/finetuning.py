@@ -142,6 +142,7 @@ class BackboneUnfreeze(BaseFinetuning):
         self.blocks = backbone_blocks(pl_module.backbone)
         pl_module.backbone.requires_grad_(False)
         pl_module.train_bn = self.train_bn
+        pl_module.joins_training = True  # no inference engine for a backbone that will train
         pl_module.train(pl_module.training)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
