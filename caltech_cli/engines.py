@@ -16,6 +16,7 @@ exported again, and one that still does not is left for PyTorch, saying so.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -269,8 +270,10 @@ def backbone_runner(
     if choice.engine == "torch":
         return Runner(torch_extract, "torch")
     described = label(choice.engine, choice.bf16)
-    with tempfile.TemporaryDirectory(prefix="caltech-engine-") as scratch:
-        graph = graph or graph_path(Path(scratch), fingerprint, crop_size)
+    # Without a folder to keep it in, the graph lives in a temporary one for this call.
+    scratch = tempfile.TemporaryDirectory(prefix="caltech-engine-") if graph is None else contextlib.nullcontext()
+    with scratch as where:
+        graph = graph or graph_path(Path(where), fingerprint, crop_size)
         try:
             run = _checked_session(choice.engine, backbone, crop_size, graph, choice.bf16, options.folder)
         except Exception as error:  # the exporter or the engine failed: PyTorch runs the pass as before

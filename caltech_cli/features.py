@@ -20,6 +20,7 @@ another program's) is computed again, with one line saying so; nothing in it is 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import json
@@ -139,42 +140,33 @@ def compute_features(
     The features stay on the device until the pass ends, so copying them back never stalls it.
     """
     sizes = [len(dataset) for dataset in datasets]
+    batches = seam_batches(sizes, batch_size)
     loader = DataLoader(
-        ConcatDataset(datasets),
-        batch_sampler=seam_batches(sizes, batch_size),
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
+        ConcatDataset(datasets), batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda"
     )
-    chunks, seen = [], []
+    ends = list(itertools.accumulate(sizes))
+    chunks: list[list[torch.Tensor]] = [[] for _ in datasets]  # each dataset's, batch by batch
+    seen = []
     with torch.inference_mode(), tqdm(total=len(loader.dataset), desc=desc, unit="img") as bar:
-        batches = iter(loader)
+        loaded = iter(loader)
         for count in sorted(set(views) or {1}):
             warm_up(extract, device, batch_size * count, crop_size)
-        for images, labels in batches:
+        for indices, (images, labels) in zip(batches, loaded):
             each = images.shape[1] if images.ndim == 5 else 1  # views of each image
             flat = images.flatten(0, 1) if images.ndim == 5 else images
             features = extract(full_batch(flat.to(device, non_blocking=True), batch_size * each))[: len(flat)]
-            chunks.append(features.float().unflatten(0, (len(images), each)).transpose(0, 1))
+            owner = bisect.bisect_right(ends, indices[0])  # the dataset of this batch (none crosses a seam)
+            chunks[owner].append(features.float().unflatten(0, (len(images), each)).transpose(0, 1))
             seen.append(labels)
             bar.update(len(images))
-    width = chunks[0].shape[-1] if chunks else 0
+    width = next((own[0].shape[-1] for own in chunks if own), 0)
     counts = list(views) or [1] * len(datasets)
     features = [
-        torch.cat(chunks[i:j], dim=1).cpu() if j > i else torch.zeros(count, 0, width)  # an empty dataset
-        for (i, j), count in zip(_spans(seam_counts(sizes, batch_size)), counts)
+        torch.cat(own, dim=1).cpu() if own else torch.zeros(count, 0, width)  # an empty dataset
+        for own, count in zip(chunks, counts)
     ]
     labels = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.long)
     return list(zip(features, labels.split(sizes)))
-
-
-def seam_counts(sizes: Sequence[int], batch_size: int) -> list[int]:
-    """How many batches of :func:`seam_batches` each dataset has."""
-    return [-(-size // batch_size) for size in sizes]
-
-
-def _spans(counts: Sequence[int]) -> list[tuple[int, int]]:
-    ends = list(itertools.accumulate(counts))
-    return list(zip([0, *ends[:-1]], ends))
 
 
 def _passes(missing: Sequence[CachedSplit], preprocessing: Preprocessing) -> list[tuple[Dataset, list[str]]]:
