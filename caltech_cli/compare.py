@@ -2,6 +2,11 @@
 
 A run folder is a ``trainer.default_root_dir`` (``runs/transfer``, ``runs/scratch``): its
 ``history.csv`` holds the latest fit's epochs and ``report/metrics.json`` its latest test.
+
+The table tells the tutorial's story in the order the runs are named: each run's test accuracy
+(top-1 and mean per-class) and what its fit cost, with each run's gain over the first, so that
+``caltech compare runs/transfer runs/scratch runs/partial runs/finetune`` shows what pretrained
+features are worth against none, and what training the backbone adds to them, for what time.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import matplotlib.pyplot as plt
 
 from caltech_cli.errors import CaltechError
 from caltech_cli.files import text_written, writable_folder, write_text
-from caltech_cli.history import HISTORY, read_history
+from caltech_cli.history import FIT_SECONDS, HISTORY, read_history
 from caltech_cli.report.page import comparison_page
 from caltech_cli.report.pictures import save
 from caltech_cli.text import from_cell, printable, shown, text_cell
@@ -27,6 +32,8 @@ from caltech_cli.text import from_cell, printable, shown, text_cell
 # Top-1 and mean per-class accuracy side by side: Caltech-101 is imbalanced, and papers report the latter.
 VAL_COLUMNS = ["val/acc", "val/acc_macro"]
 TEST_COLUMNS = ["test/acc", "test/acc_top5", "test/acc_macro", "test/loss"]
+# Each run against the first one named, in points of accuracy.
+GAIN_COLUMNS = ["test/acc", "test/acc_macro"]
 
 
 def run_history(run: Path) -> list[dict[str, float]]:
@@ -92,14 +99,36 @@ def compare(runs: list[Path], output: Path) -> list[Path]:
     picture = output / "comparison.png"
     save(fig, picture, 110, "output")
 
-    header = ["run", "epochs", *(f"best {key}" for key in VAL_COLUMNS), *TEST_COLUMNS]
+    first = names[runs[0]]
+    header = [
+        "run",
+        "epochs",
+        "fit minutes",
+        *(f"best {key}" for key in VAL_COLUMNS),
+        *TEST_COLUMNS,
+        *(f"{key} points over {first}" for key in GAIN_COLUMNS),
+    ]
     rows, values = [], []
+    tests = {run: read_test_metrics(run) for run in runs}
     for run, history in histories.items():
-        test = read_test_metrics(run)
+        test = tests[run]
+        minutes = history[-1][FIT_SECONDS] / 60 if history and FIT_SECONDS in history[-1] else None
         best = [max((row[key] for row in history if key in row), default=None) for key in VAL_COLUMNS]
+        gains = [
+            100 * (test[key] - tests[runs[0]][key]) if key in test and key in tests[runs[0]] else None
+            for key in GAIN_COLUMNS
+        ]
         numbers = [*best, *(test.get(c) for c in TEST_COLUMNS)]
-        values.append([names[run], len(history), *("" if value is None else value for value in numbers)])
-        rows.append([names[run], str(len(history)), *("" if value is None else f"{value:.4f}" for value in numbers)])
+        values.append([names[run], len(history), *("" if v is None else v for v in (minutes, *numbers, *gains))])
+        rows.append(
+            [
+                names[run],
+                str(len(history)),
+                "" if minutes is None else f"{minutes:.1f}",
+                *("" if value is None else f"{value:.4f}" for value in numbers),
+                *("" if gain is None else f"{gain:+.2f}" for gain in gains),
+            ]
+        )
     table_csv = output / "comparison.csv"
     with text_written(table_csv, "output") as f:
         csv.writer(f).writerows([header, *([text_cell(row[0]), *row[1:]] for row in rows)])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -187,6 +188,7 @@ class ImageClassificationDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else self.data_dir / "feature-cache"
         self.cache_views = cache_views
         self.feature_cache = FeatureCache(self.cache_dir, self.preprocessing, crop_scale, cache_views)
+        self.trunk_caches: dict[int, FeatureCache] = {}  # by the trunk's depth in blocks
         self.layout: folders.Layout | None = None
         self.splits: dict[str, LabelledImages] = {}  # train, val and test, once setup has made them
         self.fingerprint: str | None = None
@@ -261,11 +263,6 @@ class ImageClassificationDataModule(LightningDataModule):
             raise CaltechError(
                 f"{self.root} has no test/ folder with images. Fix: add one, with a sub-folder per class."
             )
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        if self.cache_features and model is not None and not getattr(model, "freeze_backbone", False):
-            log.info("Not caching features: the backbone is trained (model.freeze_backbone is false)")
-        if self._frozen_model() is not None:
-            writable_folder(self.cache_dir, "data.cache_dir")
 
     def _make_splits(self) -> None:
         self.find_classes()
@@ -330,14 +327,25 @@ class ImageClassificationDataModule(LightningDataModule):
                 ", ".join(map(str, skipped[:10])),
             )
 
-    # -- what the loaders give: images, or a frozen backbone's cached features
+    # -- what the loaders give: images, or the cached output of what stays frozen
 
-    def _frozen_model(self) -> pl.LightningModule | None:
-        """The attached model when its backbone's features can be cached, else None."""
+    def _cache(self) -> tuple[FeatureCache, Callable[[], Extraction]] | None:
+        """With ``cache_features``, the cache the loaders give from and how to fill it: a frozen
+        backbone's features; in a fit that keeps the backbone's first blocks frozen throughout
+        (partial fine-tuning, ``BackboneUnfreeze``'s ``train_blocks``, which sets the model's
+        ``frozen_blocks`` when the trainer sets up), their output. None: the loaders give images."""
         model = self.trainer.lightning_module if self.trainer is not None else None
-        if not self.cache_features or model is None or not getattr(model, "freeze_backbone", False):
+        if not self.cache_features or model is None:
             return None
-        return model
+        if getattr(model, "freeze_backbone", False):
+            return self.feature_cache, lambda: self._extraction(model)
+        depth = getattr(model, "frozen_blocks", 0)
+        if depth and self.trainer.state.fn == TrainerFn.FITTING:
+            cache = self.trunk_caches.setdefault(
+                depth, FeatureCache(self.cache_dir, self.preprocessing, self.crop_scale, self.cache_views)
+            )
+            return cache, lambda: self._extraction(model, depth)
+        return None
 
     def _device(self) -> torch.device:
         """Where the trainer runs the model (the CPU before a trainer is attached)."""
@@ -350,7 +358,8 @@ class ImageClassificationDataModule(LightningDataModule):
         return self.tta_flip and split != "train" and not fitting
 
     def _dataset(self, split: str) -> Dataset:
-        """The split's images, or with a frozen backbone and ``cache_features`` its cached features.
+        """The split's images, or with ``cache_features`` the cached output of what stays frozen
+        (``_cache``).
 
         Called from the ``*_dataloader`` hooks, which Lightning calls after it has moved the model
         to its device: the backbone pass runs there, in the trainer's precision, never on the
@@ -358,26 +367,44 @@ class ImageClassificationDataModule(LightningDataModule):
         (fit: train and val) in one pass, so the loader's workers start once.
         """
         images = self.splits[split]
-        model = self._frozen_model()
-        if model is None:
+        found = self._cache()
+        if found is None:
+            if self.cache_features and split == "train":
+                log.info("Not caching features: the backbone trains (model.freeze_backbone is false)")
             return replace(images, transform=flip_views(self.preprocessing)) if self._tta(split) else images
-        if self.feature_cache.get(split, self._tta(split)) is None:
+        cache, extraction = found
+        if cache.get(split, self._tta(split)) is None:
+            writable_folder(self.cache_dir, "data.cache_dir")
             names = dict.fromkeys([*STAGE_SPLITS.get(self.trainer.state.fn, ()), split])
             wanted = {name: (self.splits[name], self._tta(name)) for name in names}
-            self.feature_cache.load(wanted, self._extraction(model))
-        return self.feature_cache.get(split, self._tta(split))
+            cache.load(wanted, extraction())
+        return cache.get(split, self._tta(split))
 
-    def _extraction(self, model: pl.LightningModule) -> Extraction:
-        """The backbone pass as the trainer runs the model (its device, memory format and
-        precision), on the model's inference engine (``model.engine``)."""
+    def _extraction(self, model: pl.LightningModule, trunk_blocks: int = 0) -> Extraction:
+        """The backbone pass (or with ``trunk_blocks`` the pass through the trunk of that many
+        blocks) as the trainer runs the model (its device, memory format and precision), on the
+        model's inference engine (``model.engine``). A trunk's output is kept in the precision the
+        top blocks compute in."""
         batch_size = feature_batch_size(self.feature_batch_size, self._device())
+        precision = str(self.trainer.precision)
+        if not trunk_blocks:
+            return Extraction(
+                lambda images, fingerprint: model.backbone_runner(images, self.cache_dir, fingerprint),
+                lambda images, fingerprint: model.planned_engine(images, self.cache_dir, fingerprint),
+                model.backbone,
+                precision,
+                batch_size,
+                self.num_workers,
+            )
         return Extraction(
-            lambda images, fingerprint: model.backbone_runner(images, self.cache_dir, fingerprint),
+            lambda images, fingerprint: model.trunk_runner(images, self.cache_dir, fingerprint),
             lambda images, fingerprint: model.planned_engine(images, self.cache_dir, fingerprint),
-            model.backbone,
-            str(self.trainer.precision),
+            model.trunk().trunk,
+            precision,
             batch_size,
             self.num_workers,
+            trunk_blocks,
+            torch.bfloat16 if precision.startswith("bf16") else torch.float32,
         )
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:

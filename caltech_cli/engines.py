@@ -259,11 +259,12 @@ def backbone_runner(
     folder: Path | None,
     bf16: bool = False,
     options: Options = CLI_OPTIONS,
+    part: str = "backbone",
 ) -> Runner:
-    """The runner of a pass of ``images`` images through a backbone that does not train:
-    ``torch_extract`` (PyTorch, as the trainer runs the model), or the graph of ``engine`` for
-    this backbone, kept in ``folder`` (a temporary folder when None), built when missing or
-    damaged and checked against PyTorch before it runs."""
+    """The runner of a pass of ``images`` images through a backbone that does not train (or a
+    ``part`` of it: partial fine-tuning's trunk): ``torch_extract`` (PyTorch, as the trainer runs
+    the model), or the graph of ``engine`` for this backbone, kept in ``folder`` (a temporary
+    folder when None), built when missing or damaged and checked against PyTorch before it runs."""
     device = next(backbone.parameters()).device
     graph = graph_path(folder, fingerprint, crop_size) if folder is not None else None
     choice = chosen(engine, device, images, graph, bf16, options=options)
@@ -277,9 +278,9 @@ def backbone_runner(
         try:
             run = _checked_session(choice.engine, backbone, crop_size, graph, choice.bf16, options.folder)
         except Exception as error:  # the exporter or the engine failed: PyTorch runs the pass as before
-            log.warning("The backbone cannot run on %s (%s); it runs on PyTorch", described, reason(error))
+            log.warning("The %s cannot run on %s (%s); it runs on PyTorch", part, described, reason(error))
             return Runner(torch_extract, "torch")
-    log.info("The backbone runs on %s", described)
+    log.info("The %s runs on %s", part, described)
     return Runner(_chunked(run), described)
 
 

@@ -5,17 +5,22 @@ it gives the same answer in every epoch. The cache computes it once and the head
 stored features, so a fit costs about one pass over the images however many epochs it runs,
 and later fits, tests and validations with the same backbone cost almost nothing.
 
+Partial fine-tuning keeps the backbone's first blocks (its trunk, ``blocks.Cut``) frozen
+throughout a fit while the last ones train: the same cache then holds the trunk's output, maps
+of a few tens of KB an image, and the top blocks and the head train on them (``TrunkOutput``).
+
 The backbone pass runs where the trainer put the model and in its precision: the data module
 hands in the model's extractor, its device and its precision from its loader hooks, after
 Lightning has placed the model. It runs with pinned memory and as many loader workers as the data
 module has: on a GPU it is a decoding pipeline feeding the device.
 
-A cache file is keyed by everything that changes its numbers: the backbone's weights (hashed),
-the preprocessing and transform, the precision, the number of augmented views, and the image files themselves
-(path, size, modification time) with their labels. It is written to a temporary name and
-renamed when complete, under a file lock, so a half-written cache is never read and processes
-that start together compute it once. A cache file that is damaged anyway (truncated, empty,
-another program's) is computed again, with one line saying so; nothing in it is run.
+A cache file is keyed by everything that changes its numbers: the backbone's (or trunk's) weights
+(hashed), a trunk's depth in blocks, the preprocessing and transform, the precision, the number of
+augmented views, and the image files themselves (path, size, modification time) with their
+labels. It is written to a temporary name and renamed when complete, under a file lock, so a
+half-written cache is never read and processes that start together compute it once. A cache
+file that is damaged anyway (truncated, empty, another program's) is computed again, with one
+line saying so; nothing in it is run.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -58,41 +64,57 @@ def files_fingerprint(dataset: LabelledImages) -> str:
     return digest.hexdigest()
 
 
+class TrunkOutput(NamedTuple):
+    """A batch of a frozen trunk's cached output, which the model's top blocks take where they
+    would take images (a tensor of maps could be taken for images, so it says what it is)."""
+
+    values: torch.Tensor
+
+
 class CachedFeatures(Dataset):
     """Stored features with their labels; with several augmented views, each access picks one
     at random, so every epoch sees a different view of each image, as with live augmentation.
     With ``all_views`` (test-time augmentation) each access gives every view, (views, width),
-    and the model averages its probabilities over them.
+    and the model averages its probabilities over them. A trunk's output (``trunk``) comes in
+    batches of :class:`TrunkOutput`.
 
     A loader fetches a whole batch with one indexing operation (``__getitems__``, with
     :func:`keep_batch` as its ``collate_fn``): the head's epochs cost little more than its steps,
     where picking and stacking items one by one cost more than the head itself.
     """
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, all_views: bool = False) -> None:
-        self.features = features  # (views, images, width)
+    def __init__(
+        self, features: torch.Tensor, labels: torch.Tensor, all_views: bool = False, trunk: bool = False
+    ) -> None:
+        self.features = features  # (views, images, width), or (views, images, *map) of a trunk
         self.labels = labels
         self.all_views = all_views
+        self.trunk = trunk
 
     def __len__(self) -> int:
         return self.labels.numel()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | TrunkOutput, int]:
         features, labels = self.__getitems__([index])
-        return features[0], int(labels[0])
+        return (TrunkOutput(features.values[0]) if self.trunk else features[0]), int(labels[0])
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor | TrunkOutput, torch.Tensor]:
         """The batch of these items: (len, width) features, or (len, views, width) with
         ``all_views``, and their labels; the same draws of views as item by item."""
         rows = torch.as_tensor(indices, dtype=torch.long)
         if self.all_views:
-            return self.features[:, rows].transpose(0, 1), self.labels[rows]
-        count = self.features.shape[0]
-        views = torch.as_tensor([random.randrange(count) for _ in indices]) if count > 1 else torch.zeros_like(rows)
-        return self.features[views, rows], self.labels[rows]
+            batch = self.features[:, rows].transpose(0, 1)
+        else:
+            count = self.features.shape[0]
+            views = torch.as_tensor([random.randrange(count) for _ in indices]) if count > 1 else torch.zeros_like(rows)
+            batch = self.features[views, rows]
+        return (TrunkOutput(batch) if self.trunk else batch), self.labels[rows]
 
 
-def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+Batch = tuple[torch.Tensor | TrunkOutput, torch.Tensor]
+
+
+def keep_batch(batch: Batch) -> Batch:
     """The ``collate_fn`` for :class:`CachedFeatures`, whose ``__getitems__`` makes the batch."""
     return batch
 
@@ -130,12 +152,14 @@ def compute_features(
     crop_size: int,
     desc: str,
     views: Sequence[int] = (),
+    dtype: torch.dtype = torch.float32,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run ``extract`` over the datasets, one after the other through one loader (its workers
     start once, and keep decoding across the seams); returns each one's (views, len, width)
-    features on the CPU, for items of one view (3, H, W) or several (views, 3, H, W): ``views``
-    says how many each dataset gives (one where not said), for the warm-up of each batch shape
-    on a GPU; and the labels the pass saw (``LEFT_OUT`` for images that could not be read).
+    features (or a trunk's (views, len, *map)) on the CPU in ``dtype``, for items of one view
+    (3, H, W) or several (views, 3, H, W): ``views`` says how many each dataset gives (one where
+    not said), for the warm-up of each batch shape on a GPU; and the labels the pass saw
+    (``LEFT_OUT`` for images that could not be read).
 
     The features stay on the device until the pass ends, so copying them back never stalls it.
     """
@@ -156,13 +180,13 @@ def compute_features(
             flat = images.flatten(0, 1) if images.ndim == 5 else images
             features = extract(full_batch(flat.to(device, non_blocking=True), batch_size * each))[: len(flat)]
             owner = bisect.bisect_right(ends, indices[0])  # the dataset of this batch (none crosses a seam)
-            chunks[owner].append(features.float().unflatten(0, (len(images), each)).transpose(0, 1))
+            chunks[owner].append(features.to(dtype).unflatten(0, (len(images), each)).transpose(0, 1))
             seen.append(labels)
             bar.update(len(images))
-    width = next((own[0].shape[-1] for own in chunks if own), 0)
+    shape = next((own[0].shape[2:] for own in chunks if own), (0,))
     counts = list(views) or [1] * len(datasets)
     features = [
-        torch.cat(own, dim=1).cpu() if own else torch.zeros(count, 0, width)  # an empty dataset
+        torch.cat(own, dim=1).cpu() if own else torch.zeros(count, 0, *shape, dtype=dtype)  # an empty dataset
         for own, count in zip(chunks, counts)
     ]
     labels = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.long)
@@ -187,21 +211,25 @@ def _passes(missing: Sequence[CachedSplit], preprocessing: Preprocessing) -> lis
     return passes
 
 
-def _key(split: CachedSplit, backbone: str, preprocessing: Preprocessing, precision: str, engine: str) -> dict:
+def _key(split: CachedSplit, backbone: str, preprocessing: Preprocessing, extraction: Extraction, engine: str) -> dict:
     key = {
         "version": FORMAT_VERSION,
         "backbone": backbone,
         "preprocessing": asdict(preprocessing),
         "transform": split.transform_id,
-        "precision": precision,
+        "precision": extraction.precision,
         "views": split.views,
         "files": files_fingerprint(split.dataset),
     }
+    if extraction.trunk_blocks:
+        key = {**key, "trunk_blocks": extraction.trunk_blocks, "dtype": str(extraction.dtype)}
     # PyTorch's features keep the keys they had before there were engines, and their files.
     return key if engine == "torch" else {**key, "engine": engine}
 
 
-def _load_cache(path: Path, key: dict, dataset: LabelledImages, views: int, name: str) -> CachedFeatures | None:
+def _load_cache(
+    path: Path, key: dict, dataset: LabelledImages, views: int, name: str, extraction: Extraction
+) -> CachedFeatures | None:
     """The features stored at ``path`` if they are what ``key`` describes; None, with one line
     saying so, when the file is truncated, empty, another program's or does not match.
 
@@ -214,9 +242,9 @@ def _load_cache(path: Path, key: dict, dataset: LabelledImages, views: int, name
             stored.get("key") == json.dumps(key)
             and isinstance(features, torch.Tensor)
             and isinstance(labels, torch.Tensor)
-            and features.dtype == torch.float32
+            and features.dtype == extraction.dtype
             and labels.dtype == torch.long
-            and features.dim() == 3
+            and features.dim() >= 3
             and tuple(features.shape[:2]) == (views, len(dataset))
             and all(stored in (label, LEFT_OUT) for stored, label in zip(labels.tolist(), dataset.labels))
         ):
@@ -233,7 +261,7 @@ def _load_cache(path: Path, key: dict, dataset: LabelledImages, views: int, name
     except Exception as error:
         log.warning("The cached %s features in %s cannot be used (%s); computing them again", name, path, reason(error))
         return None
-    return CachedFeatures(features, labels)
+    return CachedFeatures(features, labels, trunk=bool(extraction.trunk_blocks))
 
 
 @dataclass(frozen=True)
@@ -242,7 +270,9 @@ class Extraction:
     images (PyTorch where and how the trainer runs the model, or an inference engine, ``engines``)
     and ``planned(images, fingerprint)`` names it without building it, for the key; ``backbone``
     is what it runs, hashed (``fingerprint``) for the key, and its device is where the pass runs;
-    ``precision`` names the trainer's precision for the key."""
+    ``precision`` names the trainer's precision for the key. A pass of a trunk (partial
+    fine-tuning) says its depth, ``trunk_blocks``, and the ``dtype`` its output is kept in (the
+    precision the top blocks compute in); features are kept in float32."""
 
     runner: Callable[[int, str], Runner]
     planned: Callable[[int, str], str]
@@ -250,6 +280,18 @@ class Extraction:
     precision: str
     batch_size: int
     num_workers: int
+    trunk_blocks: int = 0
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def what(self) -> str:
+        """What the pass computes, for the logs: ``features``, ``trunk (14 blocks)`` outputs."""
+        return f"trunk ({self.trunk_blocks} blocks) outputs" if self.trunk_blocks else "features"
+
+    @property
+    def prefix(self) -> str:
+        """What a cache file's name starts with before its split's name: a trunk's depth."""
+        return f"trunk{self.trunk_blocks}-" if self.trunk_blocks else ""
 
 
 def cached_features(
@@ -263,9 +305,9 @@ def cached_features(
     def paths_for(engine: str) -> dict[str, tuple[Path, dict]]:
         paths = {}
         for split in splits:
-            key = _key(split, fingerprint, preprocessing, extraction.precision, engine)
+            key = _key(split, fingerprint, preprocessing, extraction, engine)
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-            paths[split.name] = (folder / f"{split.name}-{digest}.pt", key)
+            paths[split.name] = (folder / f"{extraction.prefix}{split.name}-{digest}.pt", key)
         return paths
 
     def reuse(splits: Sequence[CachedSplit], paths: dict[str, tuple[Path, dict]]) -> list[CachedSplit]:
@@ -273,11 +315,15 @@ def cached_features(
         missing = []
         for split in splits:
             path, key = paths[split.name]
-            cached = _load_cache(path, key, split.dataset, split.views, split.name) if path.is_file() else None
+            cached = (
+                _load_cache(path, key, split.dataset, split.views, split.name, extraction) if path.is_file() else None
+            )
             if cached is None:
                 missing.append(split)
             else:
-                log.info("Reusing cached %s features (%d images) from %s", split.name, len(split.dataset), path)
+                log.info(
+                    "Reusing cached %s %s (%d images) from %s", split.name, extraction.what, len(split.dataset), path
+                )
                 found[split.name] = cached
         return missing
 
@@ -308,8 +354,9 @@ def cached_features(
             extraction.batch_size,
             workers,
             preprocessing.crop_size,
-            f"Features of {names} images",
+            f"{extraction.what.capitalize()} of {names} images",
             [len(split_names) for _, split_names in passes],
+            extraction.dtype,
         )
         seconds = time.perf_counter() - start
         images = sum(split.views * len(split.dataset) for split in missing)
@@ -324,10 +371,11 @@ def cached_features(
             path, key = paths[split.name]
             with written_whole(path, "data.cache_dir") as scratch:
                 torch.save({"features": features, "labels": labels, "key": json.dumps(key)}, scratch)
-            found[split.name] = CachedFeatures(features, labels)
+            found[split.name] = CachedFeatures(features, labels, trunk=bool(extraction.trunk_blocks))
         log.info(
-            "Cached %s features of %d images in %s (%.1f s on %s, %s, %.0f images/s)",
+            "Cached %s %s of %d images in %s (%.1f s on %s, %s, %.0f images/s)",
             names,
+            extraction.what,
             images,
             folder,
             seconds,
@@ -369,7 +417,7 @@ class FeatureCache:
         for name, (_, tta) in wanted.items():
             if tta:
                 views = torch.cat([found[name].features, found[f"{name}_flip"].features])
-                self.loaded[name, tta] = CachedFeatures(views, found[name].labels, all_views=True)
+                self.loaded[name, tta] = CachedFeatures(views, found[name].labels, True, found[name].trunk)
             else:
                 self.loaded[name, tta] = found[name]
 

@@ -10,6 +10,8 @@ from caltech_cli.errors import CaltechError
 from caltech_cli.files import text_written
 
 HISTORY = "history.csv"
+# The wall-clock seconds of the fit up to the end of a row's epoch.
+FIT_SECONDS = "fit/seconds"
 
 
 def read_history(path: Path) -> list[dict[str, float]]:

@@ -16,11 +16,12 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from caltech_cli.backbones import preprocessing_for, resolve_backbone
+from caltech_cli.blocks import Cut, cut_backbone
 from caltech_cli.checkpoints import check_state_fits, read_checkpoint
 from caltech_cli.devices import CPU_BATCH, full_batch, warm_up
 from caltech_cli.engines import CLI_OPTIONS, Engine, Options, Runner, backbone_runner, planned, weights_fingerprint
 from caltech_cli.errors import CaltechError
-from caltech_cli.features import CachedFeatures
+from caltech_cli.features import CachedFeatures, TrunkOutput
 from caltech_cli.metrics import LEFT_OUT, inverse_frequency, stage_metrics
 from caltech_cli.transforms import Preprocessing
 
@@ -105,6 +106,10 @@ class TransferClassifier(LightningModule):
         # epochs ran on OpenVINO in bfloat16 ended in a segmentation fault once the backbone had
         # trained beside loader workers (4 runs of 4; PyTorch, ONNX Runtime and no workers: none).
         self.joins_training = False
+        # The backbone's first blocks that stay frozen throughout this fit (the trunk of partial
+        # fine-tuning; the fine-tuning callback sets it): the data module may cache their output.
+        self.frozen_blocks = 0
+        self._cut: Cut | None = None  # the backbone cut after them (``trunk``); not a submodule
         # The training epoch's loss summed over its images so far, and their count (``training_step``).
         self._train_loss_sum: torch.Tensor | None = None
         self._train_images = 0
@@ -171,6 +176,38 @@ class TransferClassifier(LightningModule):
             if chunked:
                 return torch.cat([self.backbone(chunk) for chunk in images.split(CPU_BATCH)])
             return self.backbone(images)
+
+    def trunk(self) -> Cut:
+        """The backbone cut after its ``frozen_blocks`` first blocks: the trunk, whose output the
+        data module caches, and the top, which trains on it (``blocks.cut_backbone``)."""
+        if self._cut is None or self._cut.depth != self.frozen_blocks:
+            self._cut = cut_backbone(self.backbone, self.frozen_blocks, f"model.backbone {self.hparams['backbone']}")
+        return self._cut
+
+    def trunk_runner(self, images: int, folder: Path | None, fingerprint: str) -> Runner:
+        """What runs a pass of ``images`` images through the trunk: the engine of ``model.engine``
+        with its graph kept in ``folder`` (as for the whole backbone), else PyTorch as the trainer runs
+        the model. The trunk's weights have this ``fingerprint``."""
+        trunk = self.trunk().trunk
+
+        def on_torch(images: torch.Tensor) -> torch.Tensor:
+            images = images.contiguous(memory_format=self.memory_format)
+            precision = self._trainer.precision_plugin.forward_context() if self._trainer else contextlib.nullcontext()
+            with torch.no_grad(), precision:
+                return trunk(images)
+
+        crop = self.preprocessing.crop_size
+        bf16 = self._bf16()
+        return backbone_runner(trunk, fingerprint, crop, self.engine, on_torch, images, folder, bf16, part="trunk")
+
+    def _top(self, values: torch.Tensor) -> torch.Tensor:
+        """The pooled features of the trunk's output (``TrunkOutput``): the top blocks' forward pass."""
+        if values.dtype != torch.float32 and not torch.is_autocast_enabled(values.device.type):
+            values = values.float()  # kept in bfloat16 for an autocast that is not on
+        if values.ndim == 4:
+            values = values.contiguous(memory_format=self.memory_format)
+        with torch.no_grad() if not self.backbone_trains else contextlib.nullcontext():
+            return self.trunk().top(values)
 
     def _on_torch(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's features on PyTorch, as the trainer runs the model (its precision)."""
@@ -254,8 +291,9 @@ class TransferClassifier(LightningModule):
         if self.trainer.state.fn == TrainerFn.VALIDATING:  # fit's validations keep fit's engine
             self._stage_ends()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Class scores for images (N, 3, H, W), or for cached backbone features (N, width).
+    def forward(self, images: torch.Tensor | TrunkOutput) -> torch.Tensor:
+        """Class scores for images (N, 3, H, W), for cached backbone features (N, width), or for
+        the cached output of the backbone's frozen trunk (``TrunkOutput``, partial fine-tuning).
 
         With several views of each (test-time augmentation: (N, views, 3, H, W) or (N, views,
         width)), the log of the probabilities averaged over the views: their softmax is that
@@ -266,6 +304,8 @@ class TransferClassifier(LightningModule):
                 "the model does not know its classes. Fix: give it the training data (data.source) "
                 "or, to predict, a checkpoint (--ckpt_path)."
             )
+        if isinstance(images, TrunkOutput):
+            return self.head(self._top(images.values))
         if images.ndim in (3, 5):
             count, views = images.shape[:2]
             logits = self(images.flatten(0, 1)).unflatten(0, (count, views))

@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRANSFER = str(REPO / "configs" / "transfer.yaml")
 SCRATCH = str(REPO / "configs" / "scratch.yaml")
 FINETUNE = str(REPO / "configs" / "finetune.yaml")
+PARTIAL = str(REPO / "configs" / "partial.yaml")
 # A config and a checkpoint written by caltech 0.1.0 (tiny: timm's test ConvNeXt); see its README.
 FIXTURE = Path(__file__).parent / "fixtures" / "v0.1.0"
 REAL_ARCHIVE = REPO.parent / "shared/data/caltech101/101_ObjectCategories.tar.gz"

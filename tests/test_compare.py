@@ -43,8 +43,13 @@ def test_compare_two_runs(trained_run, tmp_path):
     assert rows[0]["test/acc"] == f"{transfer_acc:.4f}"
     history = csv_rows(trained_run.runs / "history.csv")
     assert rows[0]["best val/acc_macro"] == f"{max(float(r['val/acc_macro']) for r in history):.4f}"
+    assert rows[0]["fit minutes"] == f"{float(history[-1]['fit/seconds']) / 60:.1f}"
+    assert float(history[-1]["fit/seconds"]) > float(history[0]["fit/seconds"]) > 0
+    scratch_acc = json.loads((scratch / "runs" / "report" / "metrics.json").read_text())["test/acc"]
+    assert rows[0]["test/acc points over runs"] == "+0.00", "the first run against itself"
+    assert rows[1]["test/acc points over runs"] == f"{100 * (scratch_acc - transfer_acc):+.2f}"
     markdown = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert markdown.count("\n") == 4 and "test/acc_macro" in markdown
+    assert markdown.count("\n") == 4 and "test/acc_macro points over runs" in markdown
 
 
 @pytest.mark.e2e

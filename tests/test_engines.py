@@ -280,3 +280,6 @@ def test_a_fit_says_once_that_its_engine_is_missing_and_a_backbone_that_trains_g
     status, stderr = caltech("fit", *run, "--model.engine", "onnxruntime", capsys=capsys)
     assert status == 0, stderr[-3000:]
     assert "runs on onnxruntime" not in stderr and not list((tmp_path / "tuned").rglob("*.onnx"))
+    checkpoint = str(tmp_path / "tuned" / "runs" / "best.ckpt")
+    status, stderr = caltech("test", *run, "--model.engine", "onnxruntime", "--ckpt_path", checkpoint, capsys=capsys)
+    assert status == 0 and "The backbone runs on onnxruntime" in stderr, "its checkpoint tests on the engine"

@@ -16,12 +16,14 @@ from torch.utils.data import TensorDataset
 
 from caltech_cli import features
 from caltech_cli.backbones import preprocessing_for
+from caltech_cli.callbacks.finetuning import BackboneUnfreeze
 from caltech_cli.data import Caltech101DataModule
 from caltech_cli.images import load_rgb
 from caltech_cli.model import TransferClassifier
 from caltech_cli.transforms import eval_transform, flipped_eval_transform
 
 from conftest import (
+    PARTIAL,
     PRE64,
     CreatesFile,
     caltech,
@@ -397,3 +399,105 @@ def test_a_pass_over_datasets_of_one_and_of_two_views_never_batches_across_their
     assert got_empty.shape == (1, 0, 1)
     assert got_two.shape == (2, 3, 1) and torch.equal(got_two[1, :, 0], torch.arange(3.0) * 10)
     assert labels_one.tolist() == [0, 1, 2, 3, 4] and labels_two.tolist() == [0, 1, 2]
+
+
+# -- partial fine-tuning: the frozen trunk's output, cached
+
+
+def partial_fit(
+    image_folder, tmp_path, epochs: int = 2, train_blocks: int = 5, ckpt_path=None, change=None, **options
+) -> tuple[TransferClassifier, Caltech101DataModule, pl.Trainer]:
+    """A fit whose backbone trains only its last ``train_blocks`` blocks, from epoch 1, on the
+    cached output of the blocks below; ``change`` alters the model before it fits."""
+    pl.seed_everything(0)
+    data = small_data(image_folder, tmp_path, cache_features=True, **options)
+    model = TransferClassifier(image_size=64, freeze_backbone=False, class_names=data.find_classes())
+    if change is not None:
+        change(model)
+    callback = BackboneUnfreeze(unfreeze_at_epoch=1, train_blocks=train_blocks)
+    trainer = quiet_trainer(tmp_path, max_epochs=epochs, callbacks=[callback], enable_checkpointing=True)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model, data, trainer
+
+
+def test_partial_fine_tuning_trains_the_top_blocks_on_the_cached_trunk(image_folder, tmp_path, passes):
+    """MobileNetV2's first 14 blocks run once per image, in one pass over val and train; the last
+    five and the head train on their output. The cached output is the trunk's forward pass of
+    the image, and the top's output on it is the whole backbone's."""
+    start = TransferClassifier(image_size=64, freeze_backbone=False, class_names=["a", "b", "c"]).backbone
+    model, data, _ = partial_fit(image_folder, tmp_path, epochs=3)
+    assert passes == [10 + 19], "the trunk ran once over val and train"
+    cached = data.train_dataloader().dataset
+    assert isinstance(cached, features.CachedFeatures) and cached.trunk
+    assert cached.features.shape == (1, 19, 96, 4, 4) and cached.features.dtype == torch.float32
+    batch, _ = next(iter(data.train_dataloader()))
+    assert isinstance(batch, features.TrunkOutput)
+    names = sorted(p.name.split("-")[0] for p in (tmp_path / "data" / "feature-cache").glob("*.pt"))
+    assert names == ["trunk14", "trunk14"]
+
+    trunk, top = model.backbone.features[:14], model.backbone.features[14:]
+    assert all(
+        torch.equal(a, b) for a, b in zip(trunk.state_dict().values(), start.features[:14].state_dict().values())
+    )
+    assert not torch.equal(top[-1][0].weight, start.features[-1][0].weight), "the top blocks trained"
+
+    model.eval()
+    image = eval_transform(PRE64)(load_rgb(data.train_set.files[3]))[None]
+    with torch.no_grad():
+        assert torch.allclose(cached.features[0, 3], model.trunk().trunk(image)[0], atol=1e-6)
+        from_cache = model(features.TrunkOutput(cached.features[0, 3:4]))
+        assert torch.allclose(from_cache, model(image), atol=1e-5), "the top on the cache is the network on the image"
+
+
+def test_the_trunk_cache_is_keyed_by_its_depth_and_weights(image_folder, tmp_path, passes):
+    """Another depth, or other weights in the trunk, is another cache; other weights above it are not."""
+    partial_fit(image_folder, tmp_path, epochs=1)
+    assert passes == [29]
+
+    def nudge_top(model: TransferClassifier) -> None:
+        with torch.no_grad():
+            model.backbone.features[15].conv[0][0].weight.mul_(1.01)
+
+    partial_fit(image_folder, tmp_path, epochs=1, change=nudge_top)
+    assert passes == [29], "the same trunk: the cache is reused"
+
+    def nudge_trunk(model: TransferClassifier) -> None:
+        with torch.no_grad():
+            model.backbone.features[13].conv[0][0].weight.mul_(1.01)
+
+    partial_fit(image_folder, tmp_path, epochs=1, change=nudge_trunk)
+    assert passes == [29, 29], "other weights in the trunk"
+    partial_fit(image_folder, tmp_path, epochs=1, train_blocks=3)
+    assert passes == [29, 29, 29], "a deeper trunk"
+    assert len(list((tmp_path / "data" / "feature-cache").glob("trunk16-*.pt"))) == 2
+
+
+def test_a_resumed_partial_fine_tune_reuses_the_trunk(image_folder, tmp_path, passes):
+    """(That it ends where an unbroken fit does: tests/callbacks/test_finetuning.py.)"""
+    _, _, first = partial_fit(image_folder, tmp_path / "broken", epochs=2)
+    first.save_checkpoint(tmp_path / "two.ckpt")
+    _, _, second = partial_fit(image_folder, tmp_path / "broken", epochs=3, ckpt_path=tmp_path / "two.ckpt")
+    assert second.current_epoch == 3 and len(second.optimizers[0].param_groups) == 1 + 5
+    assert passes == [29], "the resumed fit computed nothing: it reused its first part's trunk"
+
+
+def test_a_bf16_fit_keeps_the_trunk_in_bf16_under_its_own_key(image_folder, tmp_path, passes):
+    partial_fit(image_folder, tmp_path, epochs=1)
+    pl.seed_everything(0)
+    data = small_data(image_folder, tmp_path, cache_features=True)
+    model = TransferClassifier(image_size=64, freeze_backbone=False, class_names=data.find_classes())
+    callback = BackboneUnfreeze(unfreeze_at_epoch=1, train_blocks=5)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback], precision="bf16-mixed")
+    trainer.fit(model, datamodule=data)
+    assert passes == [29, 29], "bfloat16 outputs are not float32 ones"
+    assert data.train_dataloader().dataset.features.dtype == torch.bfloat16
+
+
+@pytest.mark.hostile
+def test_a_trunk_cache_folder_that_is_a_file_is_one_line(image_folder, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("the user's file\n")
+    run = [*small_run(tmp_path, str(image_folder), PARTIAL), "--trainer.logger", "false", "--trainer.max_epochs", "1"]
+    line = one_error(*caltech("fit", *run, "--data.cache_dir", str(blocker), capsys=capsys))
+    assert f"data.cache_dir: {blocker} cannot be made a folder (a file is in its way)" in line
+    assert blocker.read_text() == "the user's file\n"

@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from caltech_cli.blocks import backbone_blocks
 from caltech_cli.errors import CaltechError
 
 log = logging.getLogger(__name__)
@@ -45,39 +46,6 @@ log = logging.getLogger(__name__)
 # Per-parameter-group lists that LR schedulers keep: scaled by a new group's ratio, or copied.
 SCALED_SCHEDULER_LISTS = ("base_lrs", "min_lrs", "max_lrs", "_last_lr")
 COPIED_SCHEDULER_LISTS = ("lr_lambdas",)
-
-
-def backbone_blocks(backbone: nn.Module) -> list[list[nn.Parameter]]:
-    """The backbone's parameters in blocks, input side first.
-
-    A timm model says its own blocks (``group_matcher``, what timm's layer-wise rate decay uses):
-    a ViT's embeddings, then each of its ``blocks`` (the final norm with the last), a ConvNeXt's
-    stem, then each block of its ``stages`` (a stage's downsampling with its first block), then its
-    head's norm. Otherwise a block is one of the backbone's parts in order, with every plain
-    ``nn.Sequential`` opened into its parts: MobileNetV2's ``features`` gives its 19 stages (stem,
-    17 inverted residuals, last conv), ResNet's ``layer1``-``layer4`` give their residual blocks
-    after ``conv1`` and ``bn1``.
-    """
-    if callable(getattr(backbone, "group_matcher", None)):
-        from timm.models import group_parameters
-
-        named = dict(backbone.named_parameters())
-        groups = group_parameters(backbone, backbone.group_matcher(coarse=False))
-        return [[named[name] for name in groups[key]] for key in sorted(groups)]
-    blocks: list[list[nn.Parameter]] = []
-
-    def visit(module: nn.Module) -> None:
-        own = list(module.parameters(recurse=False))
-        if own:
-            blocks.append(own)
-        for child in module.children():
-            if type(child) is nn.Sequential:
-                visit(child)
-            elif params := list(child.parameters()):
-                blocks.append(params)
-
-    visit(backbone)
-    return blocks
 
 
 class BackboneUnfreeze(BaseFinetuning):
@@ -95,6 +63,10 @@ class BackboneUnfreeze(BaseFinetuning):
             unfreezes the whole backbone at ``unfreeze_at_epoch``.
         train_bn: After unfreezing, let BatchNorm layers use batch statistics and update their
             running averages; false keeps the pretrained statistics (see the module's notes).
+        train_blocks: Train only this many of the backbone's last blocks (partial fine-tuning);
+            the blocks below them stay frozen for the whole fit, and with ``data.cache_features``
+            their output is computed once per image (and view) and kept, so an epoch costs only the
+            top blocks. Null trains every block.
     """
 
     def __init__(
@@ -104,6 +76,7 @@ class BackboneUnfreeze(BaseFinetuning):
         layer_decay: float = 1.0,
         blocks_per_epoch: int | None = None,
         train_bn: bool = False,
+        train_blocks: int | None = None,
     ) -> None:
         super().__init__()
         checks = (
@@ -115,6 +88,12 @@ class BackboneUnfreeze(BaseFinetuning):
                 blocks_per_epoch,
                 blocks_per_epoch is None or blocks_per_epoch >= 1,
                 "1 or more, or null for all at once",
+            ),
+            (
+                "train_blocks",
+                train_blocks,
+                train_blocks is None or train_blocks >= 1,
+                "1 or more, or null for every block",
             ),
         )
         for option, value, ok, must_be in checks:
@@ -128,7 +107,8 @@ class BackboneUnfreeze(BaseFinetuning):
         self.layer_decay = layer_decay
         self.blocks_per_epoch = blocks_per_epoch
         self.train_bn = train_bn
-        self.blocks: list[list[nn.Parameter]] = []
+        self.train_blocks = train_blocks
+        self.blocks: list[list[nn.Parameter]] = []  # the blocks that train, input side first
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and pl_module.hparams.get("freeze_backbone", False):
@@ -137,12 +117,22 @@ class BackboneUnfreeze(BaseFinetuning):
                 "frozen (and caches its features). Fix: pass --model.freeze_backbone false."
             )
         super().setup(trainer, pl_module, stage)
+        # No inference engine runs a backbone that will train in this fit (model.joins_training);
+        # validate, test and predict of its checkpoint may run it on one.
+        pl_module.joins_training = stage == "fit"
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
-        self.blocks = backbone_blocks(pl_module.backbone)
+        blocks = backbone_blocks(pl_module.backbone)
+        trained = len(blocks) if self.train_blocks is None else self.train_blocks
+        if trained > len(blocks):
+            raise CaltechError(
+                f"BackboneUnfreeze's train_blocks {trained} asks for more blocks than the backbone's {len(blocks)}. "
+                f"Fix: pass --trainer.callbacks.train_blocks {len(blocks) - 1} or less, or null for all of them."
+            )
+        self.blocks = blocks[len(blocks) - trained :]
+        pl_module.frozen_blocks = len(blocks) - trained  # the trunk, frozen throughout the fit
         pl_module.backbone.requires_grad_(False)
         pl_module.train_bn = self.train_bn
-        pl_module.joins_training = True  # no inference engine for a backbone that will train
         pl_module.train(pl_module.training)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

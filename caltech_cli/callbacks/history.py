@@ -12,7 +12,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from caltech_cli.errors import CaltechError
 from caltech_cli.files import check_target
-from caltech_cli.history import HISTORY, read_history, write_history
+from caltech_cli.history import FIT_SECONDS, HISTORY, read_history, write_history
 
 
 class EpochHistory(Callback):
@@ -22,7 +22,10 @@ class EpochHistory(Callback):
 
     Each row also says how fast the epoch trained (``train/seconds``, ``train/images_per_s``:
     its training batches, loading included, validation not), the figure to compare with a
-    plain PyTorch loop (``benchmarks/finetune.py``).
+    plain PyTorch loop (``benchmarks/finetune.py``), and what the fit has cost so far
+    (``fit/seconds``: the wall-clock time since it started, cache passes, validation and
+    checkpoints included; a resumed fit goes on from the time of the row it resumes after),
+    which ``caltech compare`` sets beside each run's accuracy.
 
     A row is written once every hook of its epoch's end has run: the model logs an epoch's
     training figures at its last batch, but the figures of an epoch that something stopped
@@ -36,6 +39,12 @@ class EpochHistory(Callback):
         self._rows: list[dict[str, float]] = []
         self._ended: dict[str, float] | None = None  # the epoch that ended, until its metrics are final
         self._start_clock()
+        self._fit_start = time.perf_counter()
+        self._fit_before = 0.0  # the seconds of the fit a resumed one goes on from
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before the loaders are made, so the fit's time holds the passes that fill the caches."""
+        self._fit_start, self._fit_before = time.perf_counter(), 0.0
 
     def _start_clock(self) -> None:
         self._epoch_start = self._last_batch_end = time.perf_counter()
@@ -52,6 +61,7 @@ class EpochHistory(Callback):
                 self._rows = [row for row in read_history(path) if row["epoch"] < trainer.current_epoch]
             except CaltechError as error:
                 rank_zero_warn(f"{str(error).split(' Fix:')[0]} It starts again from this epoch.")
+            self._fit_before = self._rows[-1].get(FIT_SECONDS, 0.0) if self._rows else 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_ended(trainer)
@@ -84,5 +94,6 @@ class EpochHistory(Callback):
         if ended is None or not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        ended[FIT_SECONDS] = round(self._fit_before + time.perf_counter() - self._fit_start, 1)
         self._rows.append({**metrics, **ended})
         write_history(Path(trainer.default_root_dir) / HISTORY, self._rows)

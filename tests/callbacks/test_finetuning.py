@@ -13,26 +13,11 @@ import torch
 from pytorch_lightning.callbacks import BaseFinetuning
 from torch import nn
 
-from caltech_cli.backbones import resolve_backbone
-from caltech_cli.callbacks.finetuning import BackboneUnfreeze, add_param_group, backbone_blocks
+from caltech_cli.callbacks.finetuning import BackboneUnfreeze, add_param_group
+from caltech_cli.errors import CaltechError
 from caltech_cli.model import TransferClassifier
 
-from conftest import FINETUNE, REPO, printed_metrics, run_caltech, small_run
-
-
-@pytest.mark.parametrize(
-    ("network", "count"),
-    # 19 stages; conv1, bn1, 8 basic blocks; timm's own groups: a ViT's embeddings and its 6
-    # blocks, a ConvNeXt's stem, its 9 blocks (downsampling with the stage's first) and head norm.
-    [("mobilenet_v2", 19), ("resnet18", 10), ("timm/test_vit.r160_in1k", 7), ("timm/test_convnext.r160_in1k", 11)],
-)
-def test_blocks_cover_every_parameter_once(network, count):
-    module = resolve_backbone(network, None).module
-    blocks = backbone_blocks(module)
-    assert len(blocks) == count
-    flat = [id(p) for block in blocks for p in block]
-    assert sorted(flat) == sorted(id(p) for p in module.parameters())
-    assert blocks[0][0] is next(module.parameters()), "input side first"
+from conftest import FINETUNE, PARTIAL, REPO, printed_metrics, run_caltech, small_run
 
 
 def trainer_stub(optimizer: torch.optim.Optimizer, epoch: int, *schedulers) -> SimpleNamespace:
@@ -88,6 +73,31 @@ def test_gradual_unfreezing_and_train_bn():
     callback.on_train_epoch_start(trainer_stub(optimizer, 2), model)
     assert len(optimizer.param_groups) == 1 + 8
     assert isinstance(model.backbone.features[-1][1], nn.BatchNorm2d) and model.backbone.features[-1][1].training
+
+
+def test_train_blocks_keeps_the_trunk_frozen_throughout():
+    """Only the last ``train_blocks`` blocks ever join; the model learns how many stay frozen
+    (the trunk whose output the data module caches)."""
+    callback = BackboneUnfreeze(unfreeze_at_epoch=1, train_blocks=5, blocks_per_epoch=3)
+    model, optimizer = frozen_model(callback)
+    assert model.frozen_blocks == 14 and len(callback.blocks) == 5
+    callback.on_train_epoch_start(trainer_stub(optimizer, 1), model)
+    assert len(optimizer.param_groups) == 1 + 3
+    for epoch in (2, 3, 9):
+        callback.on_train_epoch_start(trainer_stub(optimizer, epoch), model)
+        assert len(optimizer.param_groups) == 1 + 5
+    assert all(p.requires_grad for p in model.backbone.features[14:].parameters())
+    assert not any(p.requires_grad for p in model.backbone.features[:14].parameters())
+    assert not model.backbone.features[13].training and model.backbone.features[14].training
+
+
+@pytest.mark.parametrize(
+    ("train_blocks", "says"), [(0, "must be 1 or more"), (20, "more blocks than the backbone's 19")]
+)
+def test_train_blocks_that_cannot_work_are_one_line(train_blocks, says):
+    with pytest.raises(CaltechError, match=says) as refused:
+        frozen_model(BackboneUnfreeze(train_blocks=train_blocks))
+    assert "Fix: pass --trainer.callbacks.train_blocks" in str(refused.value)
 
 
 @pytest.mark.parametrize(
@@ -153,9 +163,9 @@ def finetune(tmp_path: Path, source: str, name: str, *options: str):
 
 
 def history(runs: Path) -> list[dict[str, str]]:
-    """history.csv's metrics (its timings, train/seconds and train/images_per_s, differ run to run)."""
+    """history.csv's metrics (its timings, train/seconds, train/images_per_s and fit/seconds, differ run to run)."""
     with open(runs / "history.csv", newline="") as f:
-        timings = ("train/seconds", "train/images_per_s")
+        timings = ("train/seconds", "train/images_per_s", "fit/seconds")
         return [{k: v for k, v in row.items() if k not in timings} for row in csv.DictReader(f)]
 
 
@@ -197,6 +207,65 @@ def test_resumed_fit_ends_where_an_unbroken_one_does(image_folder, tmp_path):
         a["state_dict"]["backbone.features.0.1.running_mean"], start["backbone.features.0.1.running_mean"]
     )
     assert not torch.equal(a["state_dict"]["backbone.features.0.0.weight"], start["backbone.features.0.0.weight"])
+
+
+@pytest.mark.e2e
+def test_partial_fine_tune_end_to_end(image_folder, tmp_path):
+    """configs/partial.yaml on the generated images: the trunk runs once (a resumed fit reuses its
+    output), only the top blocks train, a resumed fit ends where an unbroken one does, and fit's
+    validation on the cached trunk is what `caltech validate` computes from the images."""
+
+    def partial(name: str, *options: str) -> tuple[Path, str]:
+        root = tmp_path / name
+        result = run_caltech(
+            "fit",
+            *small_run(root, str(image_folder), PARTIAL),
+            "--trainer.logger",
+            "false",
+            "--data.cache_views",
+            "2",
+            "--trainer.deterministic",
+            "true",
+            *options,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return root / "runs", result.stderr
+
+    whole, said = partial("whole", "--trainer.max_epochs", "3")
+    assert said.count("Cached val and train trunk (14 blocks) outputs") == 1
+    broken, _ = partial("broken", "--trainer.max_epochs", "2")
+    checkpoint = str(broken / "checkpoints" / "last.ckpt")
+    _, said = partial("broken", "--trainer.max_epochs", "3", "--ckpt_path", checkpoint)
+    assert "Cached" not in said and said.count("Reusing cached") == 2, "train and val from the first part's pass"
+
+    a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert history(whole) == history(broken)
+    start = TransferClassifier(image_size=64, freeze_backbone=False, class_names=["a", "b", "c"]).state_dict()
+    for key in start:
+        moved = not torch.equal(a[key], start[key])
+        in_top = key.startswith(tuple(f"backbone.features.{i}." for i in range(14, 19)))
+        if key.startswith("backbone.") and not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert moved == in_top, key
+
+    alone = run_caltech(
+        "validate",
+        *small_run(tmp_path / "whole", str(image_folder), PARTIAL),
+        "--trainer.logger",
+        "false",
+        "--data.tta_flip",
+        "false",
+        "--ckpt_path",
+        str(whole / "checkpoints" / "last.ckpt"),
+        cwd=tmp_path,
+    )
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    printed, logged = printed_metrics(alone.stdout, "val"), history(whole)[-1]
+    for name in ("val/loss", "val/acc", "val/acc_macro"):
+        assert printed[name] == pytest.approx(float(logged[name]), rel=1e-4), name
 
 
 @pytest.mark.e2e
