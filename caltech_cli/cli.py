@@ -34,6 +34,7 @@ from caltech_cli.callbacks import (
 )
 from caltech_cli.checkpoints import WholeCheckpointIO, read_checkpoint
 from caltech_cli.data import ImageClassificationDataModule
+from caltech_cli.devices import cpu_computes_bf16, runs_on_cpu
 from caltech_cli.errors import CaltechError
 from caltech_cli.files import writable_folder
 from caltech_cli.model import MODEL_OPTIONS, TransferClassifier
@@ -156,9 +157,12 @@ class CaltechCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Everything of a run goes under trainer.default_root_dir, which must be a folder we can
         write: a logger without a save_dir writes there too (its wandb/ folder, the checkpoints
-        and config.yaml)."""
+        and config.yaml). A fit that trains the backbone on a CPU that computes bfloat16 trains in
+        bf16 autocast unless told otherwise (``_bf16_where_the_cpu_computes_it``)."""
         CaltechArgumentParser.checkpoint_read = None
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit":
+            _bf16_where_the_cpu_computes_it(config)
         root = config.trainer.default_root_dir or os.getcwd()
         writable_folder(Path(root), "trainer.default_root_dir")
         loggers = config.trainer.logger
@@ -180,6 +184,22 @@ class CaltechCLI(LightningCLI):
         super().after_instantiate_classes()
         if self.checkpoint_options is not None:
             self.model.check_checkpoint_options(self.checkpoint_options)
+
+
+def _bf16_where_the_cpu_computes_it(config: Namespace) -> None:
+    """Train a backbone in bf16 autocast (``trainer.precision: bf16-mixed``) where no precision is
+    given and the fit runs on a CPU that computes bfloat16 itself: there it trains 1.5 times as
+    many images a second as float32 for the same accuracy (docs/performance.md, "bfloat16
+    autocast on a CPU"); elsewhere bfloat16 is emulated, slower than float32. A frozen backbone's
+    head trains in seconds either way, and its features keep their float32 key."""
+    if config.trainer.precision is not None or config.model.freeze_backbone:
+        return
+    if runs_on_cpu(config.trainer.accelerator) and cpu_computes_bf16():
+        config.trainer.precision = "bf16-mixed"
+        log.info(
+            "Training in bf16-mixed: this CPU computes bfloat16 itself, 1.5x as fast as float32 for the same "
+            "accuracy. Pass --trainer.precision 32-true to train in float32."
+        )
 
 
 def _show_our_messages() -> None:

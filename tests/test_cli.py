@@ -19,6 +19,7 @@ from caltech_cli.cli import make_cli
 
 from conftest import (
     CLASSES,
+    FINETUNE,
     REAL_ARCHIVE,
     SCRATCH,
     TRANSFER,
@@ -293,3 +294,25 @@ def test_an_error_in_one_process_of_a_ddp_fit_is_one_line_in_each(image_folder, 
     assert any("cannot read image" in line for line in errors), fit.stderr[-3000:]
     assert any("another process of this run stopped" in line for line in errors), fit.stderr[-3000:]
     assert len(errors) == 2 and "Traceback" not in fit.stderr, fit.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("computes", "more", "precision"),
+    [
+        (True, [], "bf16-mixed"),  # a backbone that trains, on a CPU that computes bfloat16
+        (False, [], "null"),  # emulated bfloat16 would be slower than float32 (null: Lightning's 32-true)
+        (True, ["--trainer.precision", "32-true"], "32-true"),  # what the user says wins
+        (True, ["--model.freeze_backbone", "true", "--trainer.callbacks", "[]"], "null"),  # a head alone
+    ],
+)
+def test_a_backbone_trains_in_bf16_where_the_cpu_computes_it(
+    image_folder, tmp_path, capsys, monkeypatch, computes, more, precision
+):
+    monkeypatch.setattr(cli, "cpu_computes_bf16", lambda: computes)
+    run = [*small_run(tmp_path, str(image_folder), FINETUNE), "--trainer.logger", "false", "--trainer.max_epochs", "1"]
+    run += ["--trainer.limit_train_batches", "1", *more]
+    status, stderr = caltech("fit", *run, capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    saved = (tmp_path / "runs" / "config.yaml").read_text()
+    assert f"precision: {precision}" in saved
+    assert ("Training in bf16-mixed" in stderr) == (precision == "bf16-mixed")

@@ -213,7 +213,8 @@ def test_resumed_fit_ends_where_an_unbroken_one_does(image_folder, tmp_path):
 def test_partial_fine_tune_end_to_end(image_folder, tmp_path):
     """configs/partial.yaml on the generated images: the trunk runs once (a resumed fit reuses its
     output), only the top blocks train, a resumed fit ends where an unbroken one does, and fit's
-    validation on the cached trunk is what `caltech validate` computes from the images."""
+    validation on the cached trunk is what `caltech validate` computes from the images (both in
+    float32, the precision that can tell)."""
 
     def partial(name: str, *options: str) -> tuple[Path, str]:
         root = tmp_path / name
@@ -226,6 +227,8 @@ def test_partial_fine_tune_end_to_end(image_folder, tmp_path):
             "2",
             "--trainer.deterministic",
             "true",
+            "--trainer.precision",
+            "32-true",
             *options,
             cwd=tmp_path,
         )
@@ -288,6 +291,8 @@ def test_ddp_trains_the_unfrozen_backbone_on_every_process(image_folder, tmp_pat
         "cpu",
         "--data.num_workers",
         "0",
+        "--trainer.precision",
+        "32-true",  # the validation below runs in float32: so does the fit, to compare to the bit
     )
     logged = history(runs)[-1]
     alone = run_caltech(
@@ -297,6 +302,8 @@ def test_ddp_trains_the_unfrozen_backbone_on_every_process(image_folder, tmp_pat
         "false",
         "--ckpt_path",
         str(runs / "checkpoints" / "last.ckpt"),
+        "--data.tta_flip",
+        "false",  # fit validates on the images alone
         cwd=tmp_path,
     )
     assert alone.returncode == 0, alone.stderr[-3000:]
