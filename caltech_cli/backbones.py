@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from caltech_cli.blocks import output_shape
 from caltech_cli.checkpoints import check_weight_types, read_state_dict
 from caltech_cli.errors import CaltechError
 from caltech_cli.files import file_digest
@@ -398,4 +399,18 @@ def resolve_backbone(backbone: str, weights: str | None, image_size: int | None 
                 f"Fix: pass weights saved from a torchvision {backbone}."
             ) from error
     num_features = _strip_classifier(network)
+    if image_size is not None:
+        _check_takes(network, backbone, image_size)
     return Backbone(network, num_features, preprocessing_for(backbone, weights, image_size))
+
+
+def _check_takes(network: nn.Module, backbone: str, image_size: int) -> None:
+    """Refuse an ``image_size`` the network cannot take (a torchvision ViT is built for 224 pixels,
+    a MaxViT for multiples of its windows), in one line, before any image is read."""
+    try:
+        output_shape(network, image_size)
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise CaltechError(
+            f"model.backbone {backbone} does not take {image_size}-pixel images ({str(error).splitlines()[0][:200]}). "
+            "Fix: leave model.image_size out (the weights' own size), or pass a size this network takes."
+        ) from error

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 
 from caltech_cli.errors import CaltechError
@@ -151,3 +152,17 @@ def _module(traced: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
     module.delete_all_unused_submodules()
     module.recompile()
     return module
+
+
+def output_shape(module: nn.Module, crop_size: int) -> tuple[int, ...]:
+    """What ``module`` gives for one image of ``crop_size`` pixels, less the batch: one forward
+    pass of a blank image in eval mode (no BatchNorm statistics move), every mode restored after."""
+    modes = [(part, part.training) for part in module.modules()]
+    device = next(module.parameters()).device
+    module.eval()
+    try:
+        with torch.no_grad():
+            return tuple(module(torch.zeros(1, 3, crop_size, crop_size, device=device)).shape[1:])
+    finally:
+        for part, mode in modes:
+            part.training = mode

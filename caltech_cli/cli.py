@@ -37,7 +37,7 @@ from caltech_cli.data import ImageClassificationDataModule
 from caltech_cli.devices import cpu_computes_bf16, runs_on_cpu
 from caltech_cli.errors import CaltechError
 from caltech_cli.files import writable_folder
-from caltech_cli.model import MODEL_OPTIONS, TransferClassifier
+from caltech_cli.model import MODEL_OPTIONS, PRECISION_KEY, TRAINING_PRECISIONS, TransferClassifier
 from caltech_cli.options import refuse_what_cannot_work
 from caltech_cli.parser import CaltechArgumentParser, check_arguments, use_checked_loader
 from caltech_cli.text import EscapeArguments, shown
@@ -135,8 +135,12 @@ class CaltechCLI(LightningCLI):
             return
         config = self.config[subcommand]
         refuse_what_cannot_work(subcommand, config)
+        self.checkpoint_precision: str | None = None
         if config.get("ckpt_path"):
-            self.checkpoint_options = read_checkpoint(Path(config.ckpt_path), MODEL_OPTIONS)["hyper_parameters"]
+            checkpoint = read_checkpoint(Path(config.ckpt_path), MODEL_OPTIONS)
+            self.checkpoint_options = checkpoint["hyper_parameters"]
+            trained_in = checkpoint.get(PRECISION_KEY)
+            self.checkpoint_precision = trained_in if trained_in in TRAINING_PRECISIONS else None
             self._say_which_options_win(config.model, self.checkpoint_options)
             # LightningCLI parses the checkpoint's saved options next; until the classes are built
             # (before_instantiate_classes) an error of the parser is the checkpoint's.
@@ -157,12 +161,13 @@ class CaltechCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Everything of a run goes under trainer.default_root_dir, which must be a folder we can
         write: a logger without a save_dir writes there too (its wandb/ folder, the checkpoints
-        and config.yaml). A fit that trains the backbone on a CPU that computes bfloat16 trains in
-        bf16 autocast unless told otherwise (``_bf16_where_the_cpu_computes_it``)."""
+        and config.yaml). A fit without a precision trains in the one its checkpoint trained in, or
+        where the backbone trains on a CPU that computes bfloat16, in bf16 autocast
+        (``_training_precision``)."""
         CaltechArgumentParser.checkpoint_read = None
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self.subcommand == "fit":
-            _bf16_where_the_cpu_computes_it(config)
+            _training_precision(config, self.checkpoint_precision)
         root = config.trainer.default_root_dir or os.getcwd()
         writable_folder(Path(root), "trainer.default_root_dir")
         loggers = config.trainer.logger
@@ -186,13 +191,21 @@ class CaltechCLI(LightningCLI):
             self.model.check_checkpoint_options(self.checkpoint_options)
 
 
-def _bf16_where_the_cpu_computes_it(config: Namespace) -> None:
-    """Train a backbone in bf16 autocast (``trainer.precision: bf16-mixed``) where no precision is
-    given and the fit runs on a CPU that computes bfloat16 itself: there it trains 1.5 times as
-    many images a second as float32 for the same accuracy (docs/performance.md, "bfloat16
-    autocast on a CPU"); elsewhere bfloat16 is emulated, slower than float32. A frozen backbone's
-    head trains in seconds either way, and its features keep their float32 key."""
-    if config.trainer.precision is not None or config.model.freeze_backbone:
+def _training_precision(config: Namespace, resumed: str | None) -> None:
+    """The precision of a fit where none is given: a resumed fit goes on in the precision its
+    checkpoint trained in (``resumed``), so its epochs do not change precision half-way; otherwise
+    a backbone that trains on a CPU that computes bfloat16 itself trains in bf16 autocast
+    (``bf16-mixed``): there it trains 1.5 times as many images a second as float32 for the same
+    accuracy (docs/performance.md, "bfloat16 autocast on a CPU"); elsewhere bfloat16 is emulated,
+    slower than float32. A frozen backbone's head trains in seconds either way, and its features
+    keep their float32 key."""
+    if config.trainer.precision is not None:
+        return
+    if resumed is not None:
+        config.trainer.precision = resumed
+        log.info(f"Resuming in {resumed}, the precision the checkpoint trained in.")
+        return
+    if config.model.freeze_backbone:
         return
     if runs_on_cpu(config.trainer.accelerator) and cpu_computes_bf16():
         config.trainer.precision = "bf16-mixed"

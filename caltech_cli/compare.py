@@ -6,7 +6,9 @@ A run folder is a ``trainer.default_root_dir`` (``runs/transfer``, ``runs/scratc
 The table tells the tutorial's story in the order the runs are named: each run's test accuracy
 (top-1 and mean per-class) and what its fit cost, with each run's gain over the first, so that
 ``caltech compare runs/transfer runs/scratch runs/partial runs/finetune`` shows what pretrained
-features are worth against none, and what training the backbone adds to them, for what time.
+features are worth against none, and what training the backbone adds to them, for what time. A
+gain is shown only where both tests scored the same images (``report/provenance.json``'s key
+of them); otherwise a note under the table says why it is not.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -27,6 +30,7 @@ from caltech_cli.files import text_written, writable_folder, write_text
 from caltech_cli.history import FIT_SECONDS, HISTORY, read_history
 from caltech_cli.report.page import comparison_page
 from caltech_cli.report.pictures import save
+from caltech_cli.report.tables import TEST_IMAGES_KEY
 from caltech_cli.text import from_cell, printable, shown, text_cell
 
 # Top-1 and mean per-class accuracy side by side: Caltech-101 is imbalanced, and papers report the latter.
@@ -59,6 +63,36 @@ def read_test_metrics(run: Path) -> dict[str, float]:
             f"{path} is damaged ({str(error).splitlines()[0][:120]}): it is not the metrics `caltech test` writes. "
             "Fix: run `caltech test` for that run again, or delete it."
         ) from error
+
+
+def read_test_images(run: Path) -> str:
+    """The key of the images a run's latest test scored (``report/provenance.json``); "" where its
+    report has none (a report of an earlier version)."""
+    path = run / "report" / "provenance.json"
+    if not path.is_file():
+        return ""
+    try:
+        key = json.loads(path.read_text(encoding="utf-8")).get(TEST_IMAGES_KEY, "")
+    except (ValueError, AttributeError, RecursionError) as error:
+        raise CaltechError(
+            f"{path} is damaged ({str(error).splitlines()[0][:120]}): it is not the provenance `caltech test` writes. "
+            "Fix: run `caltech test` for that run again, or delete it."
+        ) from error
+    return key if isinstance(key, str) else ""
+
+
+def fit_minutes(run: Path, history: list[dict[str, float]]) -> float | None:
+    """The whole fit's minutes (its last epoch's ``fit/seconds``); None where history.csv has none."""
+    seconds = history[-1].get(FIT_SECONDS) if history else None
+    if seconds is None:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise CaltechError(
+            f"{run / HISTORY} is damaged ({FIT_SECONDS} {seconds} is no time a fit took): it is not the metrics "
+            "table `caltech fit` writes. Fix: delete it (the next `caltech fit` there writes it again), or leave that "
+            "run out."
+        )
+    return seconds / 60
 
 
 def read_class_accuracy(run: Path) -> dict[str, float]:
@@ -108,16 +142,23 @@ def compare(runs: list[Path], output: Path) -> list[Path]:
         *TEST_COLUMNS,
         *(f"{key} points over {first}" for key in GAIN_COLUMNS),
     ]
-    rows, values = [], []
+    rows, values, notes = [], [], []
     tests = {run: read_test_metrics(run) for run in runs}
+    images = {run: read_test_images(run) for run in runs}
     for run, history in histories.items():
         test = tests[run]
-        minutes = history[-1][FIT_SECONDS] / 60 if history and FIT_SECONDS in history[-1] else None
+        minutes = fit_minutes(run, history)
         best = [max((row[key] for row in history if key in row), default=None) for key in VAL_COLUMNS]
+        same = bool(images[run]) and images[run] == images[runs[0]]
         gains = [
-            100 * (test[key] - tests[runs[0]][key]) if key in test and key in tests[runs[0]] else None
+            100 * (test[key] - tests[runs[0]][key]) if same and key in test and key in tests[runs[0]] else None
             for key in GAIN_COLUMNS
         ]
+        if test and tests[runs[0]] and not same:
+            notes.append(
+                f"{names[run]}: no gain over {first}, whose test scored "
+                + ("other images." if images[run] and images[runs[0]] else "images its report does not name.")
+            )
         numbers = [*best, *(test.get(c) for c in TEST_COLUMNS)]
         values.append([names[run], len(history), *("" if v is None else v for v in (minutes, *numbers, *gains))])
         rows.append(
@@ -136,13 +177,14 @@ def compare(runs: list[Path], output: Path) -> list[Path]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     # A "|" in a run's name would end its cell.
     lines += ["| " + " | ".join((cell or "–").replace("|", "\\|") for cell in row) + " |" for row in rows]
+    lines += ["", *notes] if notes else []
     write_text(table_md, "\n".join(lines) + "\n", "output")
     classes = {run: read_class_accuracy(run) for run in runs}
     per_class = {
         name: [classes[run].get(name) for run in runs] for name in dict.fromkeys(c for r in classes.values() for c in r)
     }
     table_html = output / "comparison.html"
-    write_text(table_html, comparison_page(list(names.values()), values, header, per_class, picture), "output")
+    write_text(table_html, comparison_page(list(names.values()), values, header, per_class, picture, notes), "output")
     return [picture, table_md, table_csv, table_html]
 
 

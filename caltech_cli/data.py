@@ -22,6 +22,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
 from caltech_cli import folders, sources
+from caltech_cli.blocks import output_shape
 from caltech_cli.errors import CaltechError
 from caltech_cli.features import CachedFeatures, Extraction, FeatureCache, keep_batch
 from caltech_cli.files import writable_folder
@@ -395,14 +396,17 @@ class ImageClassificationDataModule(LightningDataModule):
                 precision,
                 batch_size,
                 self.num_workers,
+                (model.num_features,),
             )
+        trunk = model.trunk().trunk
         return Extraction(
             lambda images, fingerprint: model.trunk_runner(images, self.cache_dir, fingerprint),
             lambda images, fingerprint: model.planned_engine(images, self.cache_dir, fingerprint),
-            model.trunk().trunk,
+            trunk,
             precision,
             batch_size,
             self.num_workers,
+            output_shape(trunk, self.preprocessing.crop_size),
             trunk_blocks,
             torch.bfloat16 if precision.startswith("bf16") else torch.float32,
         )

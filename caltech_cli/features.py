@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from caltech_cli.devices import Extractor, full_batch, warm_up
 from caltech_cli.engines import Runner, weights_fingerprint
-from caltech_cli.files import folder_lock, written_whole
+from caltech_cli.files import check_target, folder_lock, written_whole
 from caltech_cli.images import LabelledImages
 from caltech_cli.loading import loader_workers
 from caltech_cli.metrics import LEFT_OUT
@@ -231,7 +231,9 @@ def _load_cache(
     path: Path, key: dict, dataset: LabelledImages, views: int, name: str, extraction: Extraction
 ) -> CachedFeatures | None:
     """The features stored at ``path`` if they are what ``key`` describes; None, with one line
-    saying so, when the file is truncated, empty, another program's or does not match.
+    saying so, when the file is truncated, empty, another program's or does not match: its key,
+    the features' shape for an image (``extraction.shape``) and their being finite numbers are all
+    checked, so a file edited under an intact key is not trusted either.
 
     ``weights_only`` loading runs no code from the file, whatever it holds.
     """
@@ -244,11 +246,12 @@ def _load_cache(
             and isinstance(labels, torch.Tensor)
             and features.dtype == extraction.dtype
             and labels.dtype == torch.long
-            and features.dim() >= 3
-            and tuple(features.shape[:2]) == (views, len(dataset))
+            and tuple(features.shape) == (views, len(dataset), *extraction.shape)
             and all(stored in (label, LEFT_OUT) for stored, label in zip(labels.tolist(), dataset.labels))
         ):
             raise ValueError("it holds other features than this key's")
+        if not all(torch.isfinite(chunk).all() for chunk in features.reshape(-1).split(1 << 24)):
+            raise ValueError("it holds numbers that are not finite")
         left_out = [i for i, label in enumerate(labels.tolist()) if label == LEFT_OUT]
         if left_out and not dataset.skip_bad:
             raise ValueError(
@@ -270,7 +273,8 @@ class Extraction:
     images (PyTorch where and how the trainer runs the model, or an inference engine, ``engines``)
     and ``planned(images, fingerprint)`` names it without building it, for the key; ``backbone``
     is what it runs, hashed (``fingerprint``) for the key, and its device is where the pass runs;
-    ``precision`` names the trainer's precision for the key. A pass of a trunk (partial
+    ``precision`` names the trainer's precision for the key; ``shape`` is checked in what is
+    loaded. A pass of a trunk (partial
     fine-tuning) says its depth, ``trunk_blocks``, and the ``dtype`` its output is kept in (the
     precision the top blocks compute in); features are kept in float32."""
 
@@ -280,6 +284,7 @@ class Extraction:
     precision: str
     batch_size: int
     num_workers: int
+    shape: tuple[int, ...]  # what the pass gives for one image: (width,), or a trunk's (96, 14, 14)
     trunk_blocks: int = 0
     dtype: torch.dtype = torch.float32
 
@@ -315,9 +320,9 @@ def cached_features(
         missing = []
         for split in splits:
             path, key = paths[split.name]
-            cached = (
-                _load_cache(path, key, split.dataset, split.views, split.name, extraction) if path.is_file() else None
-            )
+            # A link, a FIFO or a folder where a cache file goes is refused, not read through.
+            there = check_target(path, "data.cache_dir").is_file()
+            cached = _load_cache(path, key, split.dataset, split.views, split.name, extraction) if there else None
             if cached is None:
                 missing.append(split)
             else:

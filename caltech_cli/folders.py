@@ -248,6 +248,12 @@ def member_keys(root: Path, files: Sequence[Path]) -> set[str]:
     return keys
 
 
+def files_key(root: Path, files: Sequence[Path]) -> str:
+    """A short key of exactly these files, in any order: their paths under ``root`` and sizes
+    (``member_keys``). Two tests with the same key scored the same images."""
+    return hashlib.sha256("".join(sorted(member_keys(root, files))).encode()).hexdigest()[:12]
+
+
 def split(layout: Layout, weights: Sequence[float], seed: int, skip_bad: bool) -> Splits:
     """The folder's own split (``weights`` unused), or a stratified one in the proportions
     ``weights``, fixed by ``seed``; a set left empty is refused."""

@@ -479,6 +479,10 @@ class TransferClassifier(LightningModule):
         """The tutorial's AdamW at 2e-4 for Python use; ``caltech`` replaces it with its --optimizer."""
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-4)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the precision the fit trains in: a resumed fit goes on in it (``cli._training_precision``)."""
+        checkpoint[PRECISION_KEY] = str(self.trainer.precision)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of other classes, or whose weights do not fit this network, in one
         line (before Lightning's ``load_state_dict`` would raise or cast)."""
@@ -506,6 +510,9 @@ class TransferClassifier(LightningModule):
             )
 
 
+# Where a checkpoint keeps the precision its fit trained in, and the ones a resumed fit takes from it.
+PRECISION_KEY = "trainer_precision"
+TRAINING_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 # The options a checkpoint may save: the model's own (``checkpoints.read_checkpoint`` refuses others).
 MODEL_OPTIONS = frozenset(inspect.signature(TransferClassifier).parameters)
 

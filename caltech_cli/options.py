@@ -29,6 +29,9 @@ TRAINER_COUNTS = {
     "checkpoint.every_n_epochs": 0,
     "checkpoint.every_n_train_steps": 0,
 }
+# Precisions that convert the network's weights to another type, while the images, a frozen
+# backbone's features and a trunk's output come as float32 (or bfloat16 under autocast).
+WEIGHT_PRECISIONS = {"64", "64-true", "16-true", "bf16-true", "transformer-engine", "transformer-engine-float16"}
 # What the model logs, and a checkpoint may monitor.
 LOGGED = ("val/acc", "val/acc_macro", "val/loss", "train/acc", "train/loss")
 
@@ -82,6 +85,12 @@ def refuse_what_cannot_work(subcommand: str, config: Namespace) -> None:
             f"trainer.accelerator {config.trainer.accelerator}: this machine has no GPU that PyTorch can use "
             f"(torch {torch.__version__}). Fix: pass --trainer.accelerator cpu, or auto to take a GPU where "
             "there is one."
+        )
+    precision = config.get("trainer.precision")
+    if str(precision) in WEIGHT_PRECISIONS:
+        raise CaltechError(
+            f"trainer.precision {precision} converts the network's weights, but its inputs (images, cached features) "
+            "stay float32. Fix: pass --trainer.precision bf16-mixed (bfloat16 autocast), 16-mixed on a GPU, or 32-true."
         )
     if config.get("trainer.devices") in (0, "0"):
         raise CaltechError("trainer.devices 0 runs on nothing. Fix: pass --trainer.devices 1 (or auto).")

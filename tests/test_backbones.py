@@ -105,3 +105,11 @@ def test_unknown_backbone_gets_close_names_whatever_the_weights(tmp_path, capsys
         )
     )
     assert "'resnet181' is not a torchvision classification model" in line and "resnet18," in line
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("backbone", ["vit_b_16", "maxvit_t"])
+def test_an_image_size_the_network_cannot_take_is_one_line(backbone):
+    with pytest.raises(CaltechError, match=rf"^model.backbone {backbone} does not take 64-pixel images") as refused:
+        resolve_backbone(backbone, None, image_size=64)
+    assert "\n" not in str(refused.value) and "Fix: leave model.image_size out" in str(refused.value)

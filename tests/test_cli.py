@@ -316,3 +316,17 @@ def test_a_backbone_trains_in_bf16_where_the_cpu_computes_it(
     saved = (tmp_path / "runs" / "config.yaml").read_text()
     assert f"precision: {precision}" in saved
     assert ("Training in bf16-mixed" in stderr) == (precision == "bf16-mixed")
+
+
+def test_a_resumed_fit_goes_on_in_the_precision_it_trained_in(image_folder, tmp_path, capsys, monkeypatch):
+    """Its checkpoint says which: the bf16 default does not switch a float32 fit half-way."""
+    monkeypatch.setattr(cli, "cpu_computes_bf16", lambda: True)
+    run = [*small_run(tmp_path, str(image_folder), FINETUNE), "--trainer.logger", "false"]
+    run += ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
+    status, stderr = caltech("fit", *run, "--trainer.max_epochs", "1", "--trainer.precision", "32-true", capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    last = str(tmp_path / "runs" / "checkpoints" / "last.ckpt")
+    status, stderr = caltech("fit", *run, "--trainer.max_epochs", "2", "--ckpt_path", last, capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    assert "Resuming in 32-true, the precision the checkpoint trained in." in stderr
+    assert "precision: 32-true" in (tmp_path / "runs" / "config.yaml").read_text()

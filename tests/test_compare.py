@@ -84,8 +84,21 @@ def test_compare_table_cells_cannot_be_formulas(tmp_path, capsys):
         ("epoch,val/acc\n0,0.5,extra,cells\n", "damaged"),
         ("epoch,val/acc\ninf,0.5\n", "cannot convert float infinity to integer"),
         ("epoch,val/acc\n" + "9" * 400 + ",0.5\n", "cannot convert float infinity to integer"),
+        ("epoch,fit/seconds\n0,nan\n", "fit/seconds nan is no time a fit took"),
+        ("epoch,fit/seconds\n0,1e400\n", "fit/seconds inf is no time a fit took"),
+        ("epoch,fit/seconds\n0,-60\n", "fit/seconds -60.0 is no time a fit took"),
     ],
-    ids=["not-a-number", "no-epoch", "binary", "extra-cells", "inf-epoch", "400-digit-epoch"],
+    ids=[
+        "not-a-number",
+        "no-epoch",
+        "binary",
+        "extra-cells",
+        "inf-epoch",
+        "400-digit-epoch",
+        "nan-time",
+        "inf-time",
+        "negative-time",
+    ],  # fmt: skip
 )
 def test_compare_on_a_damaged_history_is_one_line(tmp_path, capsys, content, says):
     run = write_history(tmp_path / "run", content)
@@ -103,6 +116,35 @@ def test_compare_on_damaged_test_metrics_is_one_line(tmp_path, capsys, content):
     (run / "report" / "metrics.json").write_text(content)
     line = one_error(*caltech("compare", str(run), "--output", str(tmp_path / "cmp"), capsys=capsys))
     assert f"{run / 'report' / 'metrics.json'} is damaged" in line
+
+
+def with_a_test(run: Path, accuracy: float, images: str | None) -> Path:
+    """A run's test metrics, and the key of the images its test scored (no provenance with None)."""
+    (run / "report").mkdir()
+    (run / "report" / "metrics.json").write_text(json.dumps({"test/acc": accuracy, "test/acc_macro": accuracy}))
+    if images is not None:
+        (run / "report" / "provenance.json").write_text(json.dumps({"test images key": images}))
+    return run
+
+
+def test_a_gain_is_shown_only_between_tests_of_the_same_images(tmp_path, capsys):
+    history = "epoch,val/acc,fit/seconds\n0,0.5,30\n1,0.6,90\n"
+    first = with_a_test(write_history(tmp_path / "first", history), 0.5, "0123456789ab")
+    same = with_a_test(write_history(tmp_path / "same", history), 0.75, "0123456789ab")
+    other = with_a_test(write_history(tmp_path / "other", history), 0.25, "ba9876543210")
+    unnamed = with_a_test(write_history(tmp_path / "unnamed", history), 0.5, None)
+    runs = [str(run) for run in (first, same, other, unnamed)]
+    status, stderr = caltech("compare", *runs, "--output", str(tmp_path / "cmp"), capsys=capsys)
+    assert status == 0, stderr
+    rows = {row["run"]: row for row in csv_rows(tmp_path / "cmp" / "comparison.csv")}
+    gain = "test/acc points over first"
+    assert rows["first"][gain] == "+0.00" and rows["same"][gain] == "+25.00"
+    assert rows["other"][gain] == rows["unnamed"][gain] == "", "no number on other images, or on unnamed ones"
+    assert rows["same"]["fit minutes"] == "1.5"
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "other: no gain over first, whose test scored other images." in markdown
+    assert "unnamed: no gain over first, whose test scored images its report does not name." in markdown
+    assert "other: no gain over first" in (tmp_path / "cmp" / "comparison.html").read_text()
 
 
 @pytest.mark.hostile

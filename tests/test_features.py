@@ -111,9 +111,30 @@ def test_half_written_cache_is_never_read(image_folder, tmp_path, passes):
 
 
 def retyped(path, name: str, dtype: torch.dtype) -> None:
+    edited(path, lambda features: features, name, dtype)
+
+
+def edited(path, edit, name: str = "features", dtype: torch.dtype | None = None) -> None:
+    """The file with its key intact and ``edit`` applied to one of its tensors."""
     stored = torch.load(path, weights_only=True)
-    stored[name] = stored[name].to(dtype)
+    stored[name] = edit(stored[name]).to(dtype or stored[name].dtype)
     torch.save(stored, path)
+
+
+@pytest.mark.hostile
+def test_a_link_in_the_cache_folder_is_not_read_through(image_folder, tmp_path, passes, capsys):
+    """A cache file moved out of the folder and a link to it left in its place: one line, before
+    any pass, and the file it leads to untouched."""
+    run = [*options(tmp_path, image_folder), "--trainer.max_epochs", "1"]
+    assert caltech("fit", *run, capsys=capsys)[0] == 0
+    file = next((tmp_path / "data" / "feature-cache").glob("train-*.pt"))
+    away = tmp_path / "elsewhere.pt"
+    file.rename(away)
+    file.symlink_to(away)
+    before = away.read_bytes()
+    line = one_error(*caltech("fit", *run, capsys=capsys))
+    assert f"data.cache_dir: {file} is a symbolic link" in line and "Fix: " in line
+    assert away.read_bytes() == before and len(passes) == 1
 
 
 def test_damaged_cache_is_computed_again(image_folder, tmp_path, passes, caplog):
@@ -140,6 +161,12 @@ def test_damaged_cache_is_computed_again(image_folder, tmp_path, passes, caplog)
             lambda f: retyped(f, "features", torch.float16),
             lambda f: retyped(f, "labels", torch.float32),
         ],
+        # The right key, edited numbers: fewer features an image, or numbers that are not finite.
+        [
+            lambda f: edited(f, lambda features: features[..., :10]),
+            lambda f: edited(f, lambda features: torch.full_like(features, float("nan"))),
+            lambda f: edited(f, lambda features: features.index_fill(-1, torch.tensor([0]), float("inf"))),
+        ],
     ]
     for damage in rounds:
         for file, spoil in zip(files, damage):
@@ -149,7 +176,7 @@ def test_damaged_cache_is_computed_again(image_folder, tmp_path, passes, caplog)
             _, _, metrics = fit(image_folder, tmp_path, epochs=1, cache_features=True)
         assert caplog.text.count("cannot be used") == 3 and caplog.text.count("computing them again") == 3
         assert "Reusing cached" not in caplog.text and metrics["test/acc"] >= 0
-    assert passes == [10 + 19, 9] * 4
+    assert passes == [10 + 19, 9] * 5
     assert not planted.exists(), "nothing in a cache file runs"
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="caltech_cli"):
@@ -470,6 +497,16 @@ def test_the_trunk_cache_is_keyed_by_its_depth_and_weights(image_folder, tmp_pat
     partial_fit(image_folder, tmp_path, epochs=1, train_blocks=3)
     assert passes == [29, 29, 29], "a deeper trunk"
     assert len(list((tmp_path / "data" / "feature-cache").glob("trunk16-*.pt"))) == 2
+
+
+def test_a_trunk_output_edited_under_its_key_is_computed_again(image_folder, tmp_path, passes, caplog):
+    """Maps cut to fewer pixels would train on without an error: the stored shape is checked."""
+    partial_fit(image_folder, tmp_path, epochs=1)
+    for file in (tmp_path / "data" / "feature-cache").glob("trunk14-*.pt"):
+        edited(file, lambda maps: maps[..., :3, :3])
+    with caplog.at_level(logging.INFO, logger="caltech_cli"):
+        partial_fit(image_folder, tmp_path, epochs=1)
+    assert caplog.text.count("cannot be used") == 2 and passes == [29, 29]
 
 
 def test_a_resumed_partial_fine_tune_reuses_the_trunk(image_folder, tmp_path, passes):

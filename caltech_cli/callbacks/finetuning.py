@@ -127,7 +127,7 @@ class BackboneUnfreeze(BaseFinetuning):
         if trained > len(blocks):
             raise CaltechError(
                 f"BackboneUnfreeze's train_blocks {trained} asks for more blocks than the backbone's {len(blocks)}. "
-                f"Fix: pass --trainer.callbacks.train_blocks {len(blocks) - 1} or less, or null for all of them."
+                f"Fix: pass --trainer.callbacks.train_blocks {len(blocks)} or less (or null: all of them)."
             )
         self.blocks = blocks[len(blocks) - trained :]
         pl_module.frozen_blocks = len(blocks) - trained  # the trunk, frozen throughout the fit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -17,20 +18,25 @@ from pytorch_lightning.utilities import rank_zero_info
 from caltech_cli.callbacks.wandb_runs import wandb_loggers
 from caltech_cli.errors import CaltechError
 from caltech_cli.files import no_link_below, writable_folder
+from caltech_cli.folders import files_key
 from caltech_cli.metrics import LEFT_OUT
 from caltech_cli.report import write_test_report
 from caltech_cli.report.pictures import mistake_caption, thumbnail
 from caltech_cli.report.stats import class_counts
-from caltech_cli.report.tables import OPTION
+from caltech_cli.report.tables import OPTION, TEST_IMAGES_KEY
 
 # The packages whose versions a report names.
 VERSIONED = ("caltech-cli", "torch", "torchvision", "pytorch-lightning", "torchmetrics")
 
 
-def provenance(trainer: pl.Trainer, model: pl.LightningModule, scored: int) -> dict[str, str]:
+def provenance(
+    trainer: pl.Trainer, model: pl.LightningModule, scored: int, files: Sequence[Path] | None
+) -> dict[str, str]:
     """Where a test's numbers come from: the data and its split, the test images ``scored`` (all of
-    them, or fewer: ``trainer.limit_test_batches``, images left out as unreadable), the network,
-    the versions and the machine, as the report's first table shows them."""
+    them, or fewer: ``trainer.limit_test_batches``, images left out as unreadable) and a key of
+    exactly those ``files`` (their paths under the data folder and sizes: ``caltech compare`` sets
+    two runs' numbers against each other only where it is the same), the network, the versions
+    and the machine, as the report's first table shows them."""
     data = trainer.datamodule
     hparams = model.hparams
     splits = getattr(data, "splits", {})
@@ -44,6 +50,7 @@ def provenance(trainer: pl.Trainer, model: pl.LightningModule, scored: int) -> d
         "images": ", ".join(f"{count} {name}" for name, count in sizes.items()),
         "train images per class": f"{train[0]} to {train[-1]}, median {train[len(train) // 2]}" if train else "",
         "test images scored": f"{scored} of {sizes.get('test', scored)}",
+        TEST_IMAGES_KEY: files_key(Path(data.root), files) if files is not None and hasattr(data, "root") else "",
         "split fingerprint": str(getattr(data, "fingerprint", "") or ""),
         "split seed, global seed": f"{getattr(data, 'seed', '')}, {os.environ.get('PL_GLOBAL_SEED', 'not set')}",
         "test-time augmentation": "image and mirror image" if getattr(data, "tta_flip", False) else "none",
@@ -158,7 +165,9 @@ class TestReport(Callback):
             self.top_losses,
             self.confused_pairs,
             self.confused_examples,
-            provenance(trainer, pl_module, len(labels)),
+            provenance(
+                trainer, pl_module, len(labels), files if files is not None and len(files) == len(labels) else None
+            ),
         )
         for logger in wandb_loggers(trainer):
             import wandb

@@ -44,11 +44,13 @@ def write_test_report(
     confused_examples: int = 5,
     provenance: dict[str, str] | None = None,
 ) -> WrittenReport:
-    """Write ``metrics.json``, ``per_class.csv``, the confusion matrix, PR curves and reliability
+    """Write ``metrics.json``, ``provenance.json``, ``per_class.csv``, the confusion matrix, PR curves and reliability
     diagram; where the test images' ``files`` are known (one per label), the prediction grid, the
     top losses and the most confused pairs with example images; and ``index.html``, all of it on
     one page with the bootstrap intervals, the per-class table and the labels the model doubts."""
     tables.write_metrics(metrics, folder / "metrics.json")
+    if provenance:
+        tables.write_provenance(provenance, folder / "provenance.json")
     rows = tables.per_class(probs, labels, names)
     tables.write_per_class(rows, folder / "per_class.csv")
     written = WrittenReport([folder / "confusion_matrix.png", folder / "pr_curves.png", folder / "reliability.png"])

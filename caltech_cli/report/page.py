@@ -191,12 +191,15 @@ def comparison_page(
     header: Sequence[str],
     per_class: dict[str, list],
     curves: Path,
+    notes: Sequence[str] = (),
 ) -> str:
-    """Several runs side by side: their curves, their metrics, and each class's test accuracy in
-    each run with the difference between the last run and the first."""
+    """Several runs side by side: their curves, their metrics (with ``notes`` under them), and
+    each class's test accuracy in each run with the difference between the last run and the first."""
     sections = [
         f"<h1>Runs compared</h1><p class=small>{escaped(' vs '.join(runs))}</p>",
-        "<h2>Metrics</h2>" + table(header, metrics, attrs='id="metrics"'),
+        "<h2>Metrics</h2>"
+        + table(header, metrics, attrs='id="metrics"')
+        + "".join(f"<p class=small>{escaped(note)}</p>" for note in notes),
         f"<h2>Validation curves</h2><img class=plot alt=curves src='{png_uri(curves)}'>",
     ]
     if per_class:

@@ -79,6 +79,16 @@ def write_metrics(metrics: dict[str, float], path: Path) -> None:
     write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n", OPTION)
 
 
+# The provenance entry that says which images a test scored (``folders.files_key``).
+TEST_IMAGES_KEY = "test images key"
+
+
+def write_provenance(provenance: dict[str, str], path: Path) -> None:
+    """Where a test's numbers come from, as the report's first table shows it, for programs
+    (``caltech compare`` reads its ``TEST_IMAGES_KEY``)."""
+    write_text(path, json.dumps(provenance, indent=2) + "\n", OPTION)
+
+
 def most_confused(matrix: torch.Tensor, counts: torch.Tensor, names: Sequence[str], top: int) -> list[str]:
     """The largest off-diagonal rates of a row-normalized confusion matrix, as lines of text."""
     off = matrix.clone()
