@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import functools
 import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,11 +145,49 @@ def _session(engine: str, path: Path, bf16: bool) -> Callable[[torch.Tensor], to
         {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision},
     )
     request = compiled.create_infer_request()
+    roomy_signal_stack()
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(request.infer([images.numpy()])[0].copy())
 
     return run
+
+
+class _SignalStack(ctypes.Structure):
+    """Linux's ``stack_t``, what ``sigaltstack`` takes and gives."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+SS_ONSTACK, SS_DISABLE = 1, 2
+# The alternate signal stack a thread is given instead of a smaller one, and the ones given so far
+# (a stack must outlive every signal handled on it: they are kept for the life of the process).
+SIGNAL_STACK_BYTES = 1 << 18
+_signal_stacks: list[ctypes.Array] = []
+
+
+def roomy_signal_stack() -> None:
+    """Give this thread an alternate signal stack with room to spare, where it has a small one.
+
+    OpenVINO's CPU plugin gives the thread that compiles a model an alternate signal stack of
+    20,144 bytes here, the least the kernel asks for with AMX's tile registers. Once OpenVINO has
+    used them (bfloat16 on an AMX CPU), a signal that Python handles on that stack, SIGCHLD when a
+    loader worker ends, does not fit, and the kernel kills the process: `caltech predict`,
+    `validate` and `test` on images ended in exit status 139 after their last batch, with or
+    without persistent workers, and with the stack disabled or this one they end normally.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    current = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(current)) != 0 or current.ss_flags & (SS_DISABLE | SS_ONSTACK):
+        return  # none to widen, or a handler is running on it now
+    if current.ss_size >= SIGNAL_STACK_BYTES:
+        return
+    stack = ctypes.create_string_buffer(SIGNAL_STACK_BYTES)
+    wider = _SignalStack(ctypes.cast(stack, ctypes.c_void_p), 0, SIGNAL_STACK_BYTES)
+    if libc.sigaltstack(ctypes.byref(wider), None) == 0:
+        _signal_stacks.append(stack)
 
 
 def _chunked(run: Callable[[torch.Tensor], torch.Tensor]) -> Extractor:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from caltech_cli.backbones import resolve_backbone
 from caltech_cli.engines import Choice, backbone_runner, chosen, graph_path, weights_fingerprint
 from caltech_cli.model import TransferClassifier
 
-from conftest import FINETUNE, caltech, csv_rows, options, small_run
+from conftest import FINETUNE, TRANSFER, caltech, csv_rows, options, run_caltech, small_run
 
 INSTALLED = [name for name in ("onnxruntime", "openvino") if engines.installed(name)]
 CROP = 64
@@ -283,3 +285,44 @@ def test_a_fit_says_once_that_its_engine_is_missing_and_a_backbone_that_trains_g
     checkpoint = str(tmp_path / "tuned" / "runs" / "best.ckpt")
     status, stderr = caltech("test", *run, "--model.engine", "onnxruntime", "--ckpt_path", checkpoint, capsys=capsys)
     assert status == 0 and "The backbone runs on onnxruntime" in stderr, "its checkpoint tests on the engine"
+
+
+class SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack as Linux has it")
+def test_a_small_alternate_signal_stack_is_widened():
+    """The 20,144 bytes OpenVINO gives the thread that compiles a model: widened; the thread's own
+    stack put back afterwards (pytest's fault handler has one)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = SignalStack()
+    assert libc.sigaltstack(None, ctypes.byref(before)) == 0
+    small = ctypes.create_string_buffer(20_144)
+    try:
+        assert libc.sigaltstack(ctypes.byref(SignalStack(ctypes.cast(small, ctypes.c_void_p), 0, 20_144)), None) == 0
+        engines.roomy_signal_stack()
+        now = SignalStack()
+        libc.sigaltstack(None, ctypes.byref(now))
+        assert now.ss_size == engines.SIGNAL_STACK_BYTES and now.ss_sp != ctypes.cast(small, ctypes.c_void_p).value
+    finally:
+        libc.sigaltstack(ctypes.byref(before), None)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif("openvino" not in INSTALLED, reason="OpenVINO is not installed")
+def test_predict_on_openvino_in_bf16_beside_loader_workers_ends_normally(trained_run, tmp_path):
+    """OpenVINO in bfloat16 (AMX where the CPU has it) in the process whose loader workers end as
+    the last batch is read: the command ends with status 0, its predictions written."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted((trained_run.root / "data").glob("**/image_000*.jpg"))[:24]:
+        shutil.copy(path, photos / f"{path.parent.name}-{path.name}")
+    run = [
+        "predict", "--config", TRANSFER, "--ckpt_path", str(trained_run.best), "--data.predict_dir", str(photos),
+        "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "out"), "--model.engine", "openvino",
+        "--trainer.precision", "bf16-mixed", "--data.batch_size", "4", "--data.num_workers", "2",
+    ]  # fmt: skip
+    result = run_caltech(*run, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "runs on openvino" in result.stderr and len(csv_rows(tmp_path / "out" / "predictions.csv")) == 24
