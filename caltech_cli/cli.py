@@ -38,7 +38,7 @@ from caltech_cli.devices import cpu_computes_bf16, runs_on_cpu
 from caltech_cli.errors import CaltechError
 from caltech_cli.files import writable_folder
 from caltech_cli.model import MODEL_OPTIONS, PRECISION_KEY, TRAINING_PRECISIONS, TransferClassifier
-from caltech_cli.options import refuse_what_cannot_work
+from caltech_cli.options import precision_plugins, refuse_what_cannot_work
 from caltech_cli.parser import CaltechArgumentParser, check_arguments, use_checked_loader
 from caltech_cli.text import EscapeArguments, shown
 
@@ -139,8 +139,7 @@ class CaltechCLI(LightningCLI):
         if config.get("ckpt_path"):
             checkpoint = read_checkpoint(Path(config.ckpt_path), MODEL_OPTIONS)
             self.checkpoint_options = checkpoint["hyper_parameters"]
-            trained_in = checkpoint.get(PRECISION_KEY)
-            self.checkpoint_precision = trained_in if trained_in in TRAINING_PRECISIONS else None
+            self.checkpoint_precision = _trained_in(checkpoint, Path(config.ckpt_path))
             self._say_which_options_win(config.model, self.checkpoint_options)
             # LightningCLI parses the checkpoint's saved options next; until the classes are built
             # (before_instantiate_classes) an error of the parser is the checkpoint's.
@@ -191,24 +190,54 @@ class CaltechCLI(LightningCLI):
             self.model.check_checkpoint_options(self.checkpoint_options)
 
 
+def _trained_in(checkpoint: dict[str, Any], path: Path) -> str:
+    """The precision a checkpoint's fit trained in: one of ``TRAINING_PRECISIONS``, or 32-true for
+    a checkpoint written before caltech recorded it (the default of its day); anything else was
+    altered."""
+    trained_in = checkpoint.get(PRECISION_KEY, "32-true")
+    if not isinstance(trained_in, str) or trained_in not in TRAINING_PRECISIONS:
+        raise CaltechError(
+            f"{shown(path)} says it trained in precision {shown(trained_in)[:40]}, not one of "
+            f"{', '.join(TRAINING_PRECISIONS)}: it was altered or damaged. Fix: pass a .ckpt written by `caltech fit`."
+        )
+    return trained_in
+
+
+def _runs_natively(precision: str, accelerator: object) -> bool:
+    """Whether the machine computes in ``precision`` itself: a CPU computes float32, and bfloat16
+    where it has the instructions; a GPU whatever Lightning lets it take."""
+    if not runs_on_cpu(accelerator):
+        return True
+    return precision == "32-true" or (precision == "bf16-mixed" and cpu_computes_bf16())
+
+
 def _training_precision(config: Namespace, resumed: str | None) -> None:
-    """The precision of a fit where none is given: a resumed fit goes on in the precision its
-    checkpoint trained in (``resumed``), so its epochs do not change precision half-way; otherwise
-    a backbone that trains on a CPU that computes bfloat16 itself trains in bf16 autocast
+    """The precision of a fit where none is given (neither ``trainer.precision`` nor a precision
+    plugin): a resumed fit goes on in the precision its checkpoint trained in (``resumed``), so its
+    epochs do not change precision half-way, where this machine computes in it. Otherwise a
+    backbone that trains on a CPU that computes bfloat16 itself trains in bf16 autocast
     (``bf16-mixed``): there it trains 1.5 times as many images a second as float32 for the same
     accuracy (docs/performance.md, "bfloat16 autocast on a CPU"); elsewhere bfloat16 is emulated,
     slower than float32. A frozen backbone's head trains in seconds either way, and its features
     keep their float32 key."""
-    if config.trainer.precision is not None:
+    if config.trainer.precision is not None or precision_plugins(config):
         return
+    accelerator = config.trainer.accelerator
+    trains = not config.model.freeze_backbone and runs_on_cpu(accelerator) and cpu_computes_bf16()
+    default = "bf16-mixed" if trains else None
     if resumed is not None:
-        config.trainer.precision = resumed
-        log.info(f"Resuming in {resumed}, the precision the checkpoint trained in.")
+        if _runs_natively(resumed, accelerator):
+            config.trainer.precision = resumed
+            log.info(f"Resuming in {resumed}, the precision the checkpoint trained in.")
+            return
+        config.trainer.precision = default
+        log.warning(
+            f"The checkpoint trained in {resumed}, which this CPU does not compute itself: the fit goes on in "
+            f"{default or '32-true'}."
+        )
         return
-    if config.model.freeze_backbone:
-        return
-    if runs_on_cpu(config.trainer.accelerator) and cpu_computes_bf16():
-        config.trainer.precision = "bf16-mixed"
+    if default is not None:
+        config.trainer.precision = default
         log.info(
             "Training in bf16-mixed: this CPU computes bfloat16 itself, 1.5x as fast as float32 for the same "
             "accuracy. Pass --trainer.precision 32-true to train in float32."

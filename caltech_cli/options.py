@@ -4,6 +4,7 @@ with a traceback, some only after an epoch has trained."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -73,6 +74,56 @@ def _check_numbers(config: Namespace) -> None:
         )
 
 
+def precision_plugins(config: Namespace) -> list[type]:
+    """The precision plugins that ``trainer.plugins`` names (Lightning's ``Precision`` classes)."""
+    from pytorch_lightning.plugins.precision import Precision
+
+    plugins = config.get("trainer.plugins")
+    found = []
+    for plugin in plugins if isinstance(plugins, list) else [plugins]:
+        path = plugin.get("class_path") if isinstance(plugin, Namespace) else None
+        if isinstance(path, str) and "." in path:
+            module, _, name = path.rpartition(".")
+            kind = getattr(importlib.import_module(module), name, None)
+        else:
+            kind = type(plugin)
+        if isinstance(kind, type) and issubclass(kind, Precision):
+            found.append(kind)
+    return found
+
+
+def _check_precision(config: Namespace) -> None:
+    """Autocast or float32: a precision that converts the weights leaves the inputs (images, cached
+    features) in float32, which the weights then do not take; and Lightning takes a precision
+    either from ``trainer.precision`` or from a plugin, not both."""
+    from pytorch_lightning.plugins.precision import (
+        BitsandbytesPrecision,
+        DoublePrecision,
+        HalfPrecision,
+        TransformerEnginePrecision,
+    )
+
+    fix = "Fix: pass --trainer.precision bf16-mixed (bfloat16 autocast), 16-mixed on a GPU, or 32-true"
+    precision = config.get("trainer.precision")
+    if str(precision) in WEIGHT_PRECISIONS:
+        raise CaltechError(
+            f"trainer.precision {precision} converts the network's weights, but its inputs (images, cached features) "
+            f"stay float32. {fix}."
+        )
+    converting = (HalfPrecision, DoublePrecision, BitsandbytesPrecision, TransformerEnginePrecision)
+    for plugin in precision_plugins(config):
+        if issubclass(plugin, converting):
+            raise CaltechError(
+                f"trainer.plugins {plugin.__name__} converts the network's weights, but its inputs (images, cached "
+                f"features) stay float32. {fix}, without the plugin."
+            )
+        if precision is not None:
+            raise CaltechError(
+                f"trainer.plugins {plugin.__name__} sets the precision, and so does trainer.precision {precision}: "
+                "Lightning takes one. Fix: drop --trainer.precision, or the plugin."
+            )
+
+
 def refuse_what_cannot_work(subcommand: str, config: Namespace) -> None:
     """Refuse the first option of ``subcommand``'s ``config`` that cannot work, in one line."""
     if subcommand == "predict" and config.get("data.init_args.predict_dir") is None:
@@ -86,12 +137,7 @@ def refuse_what_cannot_work(subcommand: str, config: Namespace) -> None:
             f"(torch {torch.__version__}). Fix: pass --trainer.accelerator cpu, or auto to take a GPU where "
             "there is one."
         )
-    precision = config.get("trainer.precision")
-    if str(precision) in WEIGHT_PRECISIONS:
-        raise CaltechError(
-            f"trainer.precision {precision} converts the network's weights, but its inputs (images, cached features) "
-            "stay float32. Fix: pass --trainer.precision bf16-mixed (bfloat16 autocast), 16-mixed on a GPU, or 32-true."
-        )
+    _check_precision(config)
     if config.get("trainer.devices") in (0, "0"):
         raise CaltechError("trainer.devices 0 runs on nothing. Fix: pass --trainer.devices 1 (or auto).")
     if subcommand == "fit" and config.get("trainer.limit_train_batches") in (0, 0.0):

@@ -218,3 +218,14 @@ def test_a_saved_option_that_does_not_parse_is_the_checkpoints_fault(tmp_path, c
     line = one_error(status, stderr)
     assert f"the checkpoint {tmp_path / 'altered.ckpt'} saved a model option that cannot be used" in line
     assert "model.image_size large" in line and "Parsing of ckpt_path" not in stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.hostile
+def test_a_checkpoint_that_says_another_precision_is_refused(trained_run, tmp_path, capsys):
+    checkpoint = torch.load(trained_run.best, weights_only=True)
+    checkpoint["trainer_precision"] = "\x1b[2J64-true"
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    args = [*options(tmp_path, trained_run.source), "--ckpt_path", str(tmp_path / "edited.ckpt")]
+    error = one_error(*caltech("test", *args, capsys=capsys))
+    assert "says it trained in precision" in error and "altered or damaged" in error and "\x1b" not in error

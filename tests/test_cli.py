@@ -330,3 +330,62 @@ def test_a_resumed_fit_goes_on_in_the_precision_it_trained_in(image_folder, tmp_
     assert status == 0, stderr[-3000:]
     assert "Resuming in 32-true, the precision the checkpoint trained in." in stderr
     assert "precision: 32-true" in (tmp_path / "runs" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("trained_in", "computes", "says", "precision"),
+    [
+        (None, True, "Resuming in 32-true", "32-true"),  # written before caltech recorded it: its day's default
+        ("bf16-mixed", False, "which this CPU does not compute itself: the fit goes on in 32-true", "null"),
+        ("16-mixed", True, "which this CPU does not compute itself: the fit goes on in bf16-mixed", "bf16-mixed"),
+    ],
+)
+def test_a_resumed_fit_takes_its_checkpoints_precision_only_where_the_machine_computes_it(
+    image_folder, tmp_path, capsys, monkeypatch, trained_in, computes, says, precision
+):
+    """A checkpoint that does not say, or trained where this machine cannot compute alike (a GPU's
+    float16, bfloat16 on a CPU without its instructions): one line says what the fit goes on in."""
+    run = [*small_run(tmp_path, str(image_folder), FINETUNE), "--trainer.logger", "false"]
+    run += ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
+    status, stderr = caltech("fit", *run, "--trainer.max_epochs", "1", "--trainer.precision", "32-true", capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    last = tmp_path / "runs" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint.pop("trainer_precision")
+    if trained_in is not None:
+        checkpoint["trainer_precision"] = trained_in
+    torch.save(checkpoint, last)
+    monkeypatch.setattr(cli, "cpu_computes_bf16", lambda: computes)
+    status, stderr = caltech("fit", *run, "--trainer.max_epochs", "2", "--ckpt_path", str(last), capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    assert says in stderr
+    assert f"precision: {precision}" in (tmp_path / "runs" / "config.yaml").read_text()
+
+
+MIXED_BF16 = ["--trainer.plugins", "pytorch_lightning.plugins.precision.MixedPrecision"]
+MIXED_BF16 += ["--trainer.plugins.precision", "bf16-mixed", "--trainer.plugins.device", "cpu"]
+HALF_BF16 = ["--trainer.plugins", "pytorch_lightning.plugins.precision.HalfPrecision"]
+HALF_BF16 += ["--trainer.plugins.precision", "bf16-true"]
+
+
+@pytest.mark.parametrize(
+    ("plugins", "says"),
+    [
+        (HALF_BF16, "trainer.plugins HalfPrecision converts"),
+        ([*MIXED_BF16, "--trainer.precision", "bf16-mixed"], "and so does trainer.precision bf16-mixed"),
+    ],
+)
+def test_a_precision_plugin_that_cannot_work_is_refused(image_folder, tmp_path, capsys, plugins, says):
+    run = [*small_run(tmp_path, str(image_folder), FINETUNE), "--trainer.logger", "false"]
+    status, stderr = caltech("fit", *run, *plugins, capsys=capsys)
+    assert status == 2 and says in stderr and "Traceback" not in stderr, stderr[-3000:]
+
+
+def test_a_precision_plugin_is_the_users_choice(image_folder, tmp_path, capsys, monkeypatch):
+    """Named as a plugin, autocast is the user's precision: the bf16 default stays out of it."""
+    monkeypatch.setattr(cli, "cpu_computes_bf16", lambda: True)
+    run = [*small_run(tmp_path, str(image_folder), FINETUNE), "--trainer.logger", "false", "--trainer.max_epochs", "1"]
+    run += ["--trainer.limit_train_batches", "1", *MIXED_BF16]
+    status, stderr = caltech("fit", *run, capsys=capsys)
+    assert status == 0, stderr[-3000:]
+    assert "Training in bf16-mixed" not in stderr
