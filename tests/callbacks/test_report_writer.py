@@ -26,6 +26,7 @@ from conftest import (
 
 REPORT_FILES = {
     "metrics.json",
+    "provenance.json",
     "per_class.csv",
     "confusion_matrix.png",
     "pr_curves.png",
@@ -51,6 +52,8 @@ def test_test_writes_a_report(trained_run):
     assert set(saved) == set(printed) == {"test/acc", "test/acc_top5", "test/acc_macro", "test/loss"}
     for name, value in printed.items():
         assert abs(saved[name] - value) < 1e-6, name
+    provenance = json.loads((report / "provenance.json").read_text())
+    assert provenance["test images scored"] == "9 of 9" and len(provenance["test images key"]) == 12
     with open(report / "per_class.csv") as f:
         rows = list(csv.DictReader(f))
     assert [row["class"] for row in rows] == sorted(CLASSES)
